@@ -10,12 +10,12 @@
 #   train    MICRO_TRAIN_BATCH_SIZE MAX_EPOCHS EPS_CLIP ENTROPY_LOSS_COEF ATTN_IMPLEMENTATION SEED
 #   eval     EVAL_STEPS EVAL_TEMPERATURE EVAL_N_SAMPLES
 #   ckpt     SAVE_STEPS MAX_CKPT_NUM
-#   checks   APPLY_PATCHES MIN_FREE_GB_DATA MIN_FREE_GB_SCRATCH MAX_GPU_MEM_USED_MIB
+#   checks   APPLY_PATCHES MIN_FREE_GB_DATA MIN_FREE_GB_SCRATCH MAX_GPU_MEM_USED_MIB RFT_MEMINFO
 #   ray      RAY_ADDRESS (a dashboard URL such as http://head:8265; unset: start a local head)
 #            RAY_DASHBOARD_PORT RAY_STOP_ON_EXIT
 #   tools    PYTHON (the interpreter that has openrlhf) RAY_BIN REWARD_FUNC
 # Per model (train_grpo_<size>.sh): MODEL_PATH LR INIT_KL_COEF LORA_RANK LORA_ALPHA
-#   ROLLOUT_BATCH_SIZE TRAIN_BATCH_SIZE GENERATE_MAX_LEN NUM_EPISODES OFFLOAD
+#   ROLLOUT_BATCH_SIZE TRAIN_BATCH_SIZE GENERATE_MAX_LEN NUM_EPISODES OFFLOAD HOST_GIB_PER_LOAD
 #
 # Launcher options: --dry-run (every check that needs no GPU, print the command one flag a
 # line, write run_manifest.json, exit 0), --help. Every other argument goes to OpenRLHF
@@ -101,6 +101,10 @@ MAX_CKPT_NUM="${MAX_CKPT_NUM:-3}"
 MIN_FREE_GB_DATA="${MIN_FREE_GB_DATA:-50}"
 MIN_FREE_GB_SCRATCH="${MIN_FREE_GB_SCRATCH:-20}"
 MAX_GPU_MEM_USED_MIB="${MAX_GPU_MEM_USED_MIB:-2048}"  # more in use: another job holds the GPU
+# Host memory: every actor process (and every reference-model process, INIT_KL_COEF > 0) that
+# loads an MXFP4 checkpoint under ZeRO-3 holds the whole bf16 model in host memory while it
+# loads, all at the same time (HOST_GIB_PER_LOAD is set per model; 0 turns the check off).
+RFT_MEMINFO="${RFT_MEMINFO:-/proc/meminfo}"
 
 RAY_DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
 RAY_STOP_ON_EXIT="${RAY_STOP_ON_EXIT:-1}"
@@ -121,6 +125,7 @@ rft_ok() {
 declare -A RFT_TRACKED=(
   [--pretrain]=MODEL_PATH
   [--actor_learning_rate]=LR
+  [--init_kl_coef]=INIT_KL_COEF
   [--n_samples_per_prompt]=N_SAMPLES
   [--train_batch_size]=TRAIN_BATCH_SIZE
   [--rollout_batch_size]=ROLLOUT_BATCH_SIZE
@@ -365,6 +370,44 @@ rft_check_disk() {
   done
 }
 
+# GiB that the actor (and reference) processes of this node hold at once while they load.
+rft_host_gib_needed() {
+  local loads="$ACTOR_GPUS_PER_NODE"
+  if awk -v k="$INIT_KL_COEF" 'BEGIN { exit !(k + 0 > 0) }'; then
+    loads=$((loads * 2))
+  fi
+  echo "$((loads * HOST_GIB_PER_LOAD)) $loads"
+}
+
+# MemAvailable of this machine in GiB (empty when it cannot be read).
+rft_host_gib_available() {
+  awk '$1 == "MemAvailable:" { printf "%d", $2 / 1048576; found = 1 } END { exit !found }' \
+    "$RFT_MEMINFO" 2>/dev/null || true
+}
+
+# A dry run only reports a shortfall (it is often run on a smaller login machine); a launch refuses.
+rft_check_host_memory() {
+  local need loads avail
+  if ((HOST_GIB_PER_LOAD == 0)); then
+    rft_ok "host memory: not checked (HOST_GIB_PER_LOAD=0)"
+    return
+  fi
+  read -r need loads <<<"$(rft_host_gib_needed)"
+  avail="$(rft_host_gib_available)"
+  if [[ -z "$avail" ]]; then
+    rft_ok "host memory: $RFT_MEMINFO unreadable, not checked (the load needs about $need GiB)"
+    return
+  fi
+  local line="$avail GiB available, $loads processes loading at once need about $need GiB ($HOST_GIB_PER_LOAD each)"
+  if ((avail >= need)); then
+    rft_ok "host memory: $line"
+  elif ((DRY_RUN)); then
+    echo "warning: host memory: $line; a launch here would be refused"
+  else
+    rft_die "host memory: $line; free memory, set INIT_KL_COEF=0 (no reference model), or lower HOST_GIB_PER_LOAD if the model is smaller"
+  fi
+}
+
 rft_check_gpus() {
   local need=$((ACTOR_NUM_NODES * ACTOR_GPUS_PER_NODE + VLLM_NUM_ENGINES * VLLM_TP)) out n line idx used
   if [[ -n "${RAY_ADDRESS:-}" ]]; then
@@ -435,7 +478,7 @@ rft_write_manifest() {
     TRAIN_BATCH_SIZE GENERATE_MAX_LEN WARMUP_RATIO NUM_EPISODES MAX_SAMPLES OFFLOAD N_SAMPLES \
     MICRO_ROLLOUT_BATCH_SIZE MICRO_TRAIN_BATCH_SIZE MAX_EPOCHS EPS_CLIP PROMPT_DATA EVAL_DATASET \
     DATA_ROOT SCRATCH_ROOT SAVE_PATH CKPT_PATH ACTOR_NUM_NODES ACTOR_GPUS_PER_NODE VLLM_NUM_ENGINES \
-    VLLM_TP VLLM_GPU_MEM_UTIL ATTN_IMPLEMENTATION; do
+    VLLM_TP VLLM_GPU_MEM_UTIL ATTN_IMPLEMENTATION HOST_GIB_PER_LOAD; do
     settings+=(--setting "$name=${!name}")
   done
   local submit flags=()
@@ -484,6 +527,7 @@ grpo_main() {
   rft_check_data
   rft_check_preflight
   rft_check_disk
+  rft_check_host_memory
   if ((DRY_RUN)); then
     echo "check: GPUs and Ray skipped (dry run)"
   else

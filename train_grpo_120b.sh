@@ -12,6 +12,9 @@ MODEL_PATH="${MODEL_PATH:-openai/gpt-oss-120b}"
 # 234 GB of bf16 weights / 4 ZeRO-3 ranks = 58.5 GB per GPU before activations:
 # parameters and Adam states go to host RAM (--offload --adam_offload).
 OFFLOAD="${OFFLOAD:-1}"
+# Host memory each loading process holds (MXFP4 decoded to bf16): 116.8 B parameters
+# in bf16 = 218 GiB, plus about 1.5 GiB of libraries.
+HOST_GIB_PER_LOAD="${HOST_GIB_PER_LOAD:-220}"
 LR="${LR:-1e-6}"
 INIT_KL_COEF="${INIT_KL_COEF:-0}"      # no KL guardrail and no reference model (risky)
 LORA_RANK="${LORA_RANK:-64}"

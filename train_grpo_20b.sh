@@ -11,6 +11,9 @@ MODEL_SIZE=20b
 MODEL_PATH="${MODEL_PATH:-openai/gpt-oss-20b}"
 # 84 GB of bf16 weights / 4 ZeRO-3 ranks = 21 GB per GPU: no CPU offload needed.
 OFFLOAD="${OFFLOAD:-0}"
+# Host memory each loading process holds (MXFP4 decoded to bf16): 20.9 B parameters
+# in bf16 = 39 GiB, plus about 1.5 GiB of libraries.
+HOST_GIB_PER_LOAD="${HOST_GIB_PER_LOAD:-41}"
 LR="${LR:-5e-7}"                       # start low; raise if learning is flat after 20 episodes
 INIT_KL_COEF="${INIT_KL_COEF:-0.001}"  # a light guardrail; > 0 also loads the reference model
 LORA_RANK="${LORA_RANK:-32}"

@@ -103,7 +103,15 @@ class Bed:
             "SCRATCH_ROOT": str(root / "mnt_scratch"),
             "MIN_FREE_GB_DATA": "0",
             "MIN_FREE_GB_SCRATCH": "0",
+            "RFT_MEMINFO": str(self.meminfo(2048)),
         }
+
+    def meminfo(self, available_gib: float) -> Path:
+        """A /proc/meminfo stand-in with MemAvailable set (in kB, as the kernel writes it)."""
+        path = self.root / f"meminfo_{available_gib}"
+        kb = int(available_gib * 1048576)
+        path.write_text(f"MemTotal:       {kb + 1048576} kB\nMemFree:        {kb // 2} kB\nMemAvailable:   {kb} kB\n")
+        return path
 
     def run(self, launcher: Path | str, *args: str, **env: str) -> subprocess.CompletedProcess:
         full = {**self.env, **env}
@@ -393,6 +401,49 @@ def test_refuses_unwritable_metrics_disk(bed):
     proc = bed.run(LAUNCHERS["20b"], "--dry-run", SCRATCH_ROOT="/proc/rft-no-such-dir")
     assert proc.returncode == 1
     assert last_line(proc).startswith("train_grpo_20b: metrics: cannot create /proc/rft-no-such-dir/")
+
+
+# The sizes: each loading process holds the whole bf16 model (docs/gpu_lane.md); the 20b loads a
+# reference model beside the actor (INIT_KL_COEF 0.001), the 120b does not.
+@pytest.mark.parametrize("size, loads, per_load", [("20b", 8, 41), ("120b", 4, 220)])
+def test_launch_refuses_short_host_memory(bed, size, loads, per_load):
+    need = loads * per_load
+    bed.fake_nvidia_smi([0] * 8)
+    bed.fake_ray()
+    proc = bed.run(LAUNCHERS[size], RFT_MEMINFO=str(bed.meminfo(need - 0.5)))
+    assert proc.returncode == 1
+    assert last_line(proc) == (
+        f"train_grpo_{size}: host memory: {need - 1} GiB available, {loads} processes loading at once "
+        f"need about {need} GiB ({per_load} each); free memory, set INIT_KL_COEF=0 (no reference "
+        "model), or lower HOST_GIB_PER_LOAD if the model is smaller")
+    assert not (bed.root / "ray_calls.jsonl").exists()  # refused before Ray was touched
+    ok = bed.run(LAUNCHERS[size], RFT_MEMINFO=str(bed.meminfo(need)), RAY_STOP_ON_EXIT="0")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert f"check: host memory: {need} GiB available, {loads} processes" in ok.stdout
+
+
+def test_host_memory_counts_the_reference_model_as_the_run_will(bed):
+    """--init_kl_coef 0 on the command line drops the reference model, so half the loads."""
+    bed.fake_nvidia_smi([0] * 8)
+    bed.fake_ray()
+    proc = bed.run(LAUNCHERS["20b"], "--init_kl_coef", "0", RFT_MEMINFO=str(bed.meminfo(200)),
+                   RAY_STOP_ON_EXIT="0")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "check: host memory: 200 GiB available, 4 processes loading at once need about 164 GiB" in proc.stdout
+
+
+def test_dry_run_warns_of_short_host_memory_and_goes_on(bed):
+    proc, argv = dry_run(bed, "20b", RFT_MEMINFO=str(bed.meminfo(24)))
+    assert ("warning: host memory: 24 GiB available, 8 processes loading at once need about 328 GiB "
+            "(41 each); a launch here would be refused") in proc.stdout
+    assert bed.manifest("gpt-oss-20b-grpo")["settings"]["HOST_GIB_PER_LOAD"] == "41"
+
+
+def test_host_memory_check_can_be_turned_off_or_missing(bed):
+    proc, _ = dry_run(bed, "20b", HOST_GIB_PER_LOAD="0", RFT_MEMINFO=str(bed.meminfo(1)))
+    assert "check: host memory: not checked (HOST_GIB_PER_LOAD=0)" in proc.stdout
+    proc, _ = dry_run(bed, "120b", RFT_MEMINFO=str(bed.root / "no-meminfo"))
+    assert "not checked (the load needs about 880 GiB)" in proc.stdout
 
 
 def test_launch_refuses_without_gpus_after_the_other_checks(bed):
