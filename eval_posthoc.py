@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -205,6 +206,27 @@ def parse_named(text: str, flag: str, allow_bare: bool = False) -> tuple[str, st
     return name, value
 
 
+def ensure_writable_dir(path: str | Path, flag: str) -> Path:
+    """Create ``path`` if needed and check that files can be written there.
+
+    Raises :class:`EvalInputError` naming the directory and the flag that sets it,
+    so an unusable directory stops the run before any model is loaded.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise EvalInputError(f"{path}: cannot write there ({e.strerror or e}); choose another {flag}") from None
+    return path
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def merge_key(adapter_dir: str | Path, base: str, dtype: str) -> dict[str, Any]:
     """What a merged model depends on: the adapter's bytes, the base and the dtype."""
     return {
@@ -272,13 +294,24 @@ def merge_adapter(
     import peft
     from transformers import AutoTokenizer
 
-    root.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(root, "--merged-dir")
     tmp = root / f".{safe_name(name)}.merging-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"[merge] {name}: merging {adapter_dir} into {base} ({dtype})")
     try:
-        model = _load_base_for_merge(base, dtype, device_map)
-        model = peft.PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        try:
+            model = _load_base_for_merge(base, dtype, device_map)
+        except (OSError, ValueError) as e:
+            raise EvalInputError(
+                f"--base {base}: cannot load the base model ({_first_line(e)}); pass the model the adapter was trained on "
+                "(a local directory or a hub id)"
+            ) from None
+        try:
+            model = peft.PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        except (OSError, ValueError, RuntimeError) as e:
+            raise EvalInputError(
+                f"{adapter_dir}: the adapter does not load into {base} ({_first_line(e)}); check that --base is its base model"
+            ) from None
         model.save_pretrained(tmp, safe_serialization=True)
         del model
         # The tokenizer of the base, as training loads it from the pretrained path.
@@ -703,7 +736,7 @@ def run(argv: Sequence[str] | None = None, backend_factory: Callable[..., Backen
             raise EvalInputError(f"--dataset {text}: the name {name!r} is used twice; name them NAME=PATH")
         datasets[name] = (load_problems(path, args.input_key, args.label_key), file_sha256(path))
     scorer = load_scorer()
-    out = Path(args.output_dir)
+    out = ensure_writable_dir(args.output_dir, "--output-dir")
     chunk = args.chunk_size or (args.batch_size if args.backend == "hf" else 512)
     factory = backend_factory or (lambda path, tok_path, tok: make_backend(args, path, tok_path, tok))
 
@@ -741,6 +774,8 @@ def run(argv: Sequence[str] | None = None, backend_factory: Callable[..., Backen
         all_tasks.extend(tasks)
         tasks_of[spec.name] = tasks
 
+    if not args.summary_only and any(s.adapter and any(t.todo() for t in tasks_of[s.name]) for s in specs):
+        ensure_writable_dir(args.merged_dir, "--merged-dir")
     for spec in specs:
         tasks = tasks_of[spec.name]
         identity = model_info[spec.name]

@@ -500,3 +500,53 @@ def test_score_sample_uses_the_training_extraction(em):
 def test_bad_command_lines_are_named(argv, message):
     with pytest.raises(EvalInputError, match=re.escape(message)):
         eval_posthoc.run(argv)
+
+
+@pytest.mark.slow
+def test_cli_adapter_to_summary_in_a_subprocess(tiny, tmp_path):
+    """The documented CPU command, as a user types it: adapter + base, hf backend, one dataset."""
+    out, merged = tmp_path / "out", tmp_path / "merged"
+    cmd = [
+        sys.executable, str(ROOT / "eval_posthoc.py"), "--adapter", f"a={tiny['adapter']}", "--base", str(tiny["base"]),
+        "--backend", "hf", "--dataset", str(tiny["data"]), "--max-tokens", "6", "--merge-dtype", "float32",
+        "--merged-dir", str(merged), "--output-dir", str(out), "--bootstrap-resamples", "200",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    (r,) = summary["results"]
+    assert (r["model"], r["dataset"], r["mode"]) == ("a", "probs", "greedy_pass@1")
+    assert r["pass@1"] == pytest.approx(3 / 5) and r["n_problems"] == 5
+    assert "| a | probs | greedy_pass@1 | 0 | 1 | 5/5 | 60.0% [" in proc.stdout
+    assert (merged / "a" / "rft_merge.json").is_file()
+
+
+def _one_error_line(proc) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("eval_posthoc.py: error:")
+    return lines[0]
+
+
+def test_unwritable_dirs_and_unloadable_base_are_one_line(tiny, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    common = [sys.executable, str(ROOT / "eval_posthoc.py"), "--backend", "hf", "--dataset", str(tiny["data"])]
+    adapter = ["--adapter", f"a={tiny['adapter']}"]
+
+    def run_cli(*extra):
+        return subprocess.run([*common, *extra], capture_output=True, text=True, cwd=tmp_path)
+
+    # --merged-dir that cannot be created: named before any model is loaded.
+    line = _one_error_line(run_cli(*adapter, "--base", str(tiny["base"]), "--merged-dir", str(blocker / "m"),
+                                   "--output-dir", str(tmp_path / "o1")))
+    assert str(blocker / "m") in line and "--merged-dir" in line
+    # --output-dir that cannot be created: named before anything is generated.
+    line = _one_error_line(run_cli("--model", f"m={tiny['base']}", "--output-dir", str(blocker / "o")))
+    assert str(blocker / "o") in line and "--output-dir" in line
+    # A base that does not load: one line naming --base, no half-merged directory left.
+    merged = tmp_path / "merged"
+    line = _one_error_line(run_cli(*adapter, "--base", str(tmp_path / "no_such_base"), "--merged-dir", str(merged),
+                                   "--output-dir", str(tmp_path / "o2")))
+    assert "--base" in line and "no_such_base" in line
+    assert not merged.exists() or not any(merged.iterdir())
