@@ -120,6 +120,20 @@ def _rate(rows: int, seconds: float) -> str:
     return f"{rows / seconds:,.0f}" if seconds > 0 else "-"
 
 
+def check_eval_sets_disjoint(eval_sets: Sequence[dp.EvalSet]) -> None:
+    """PrepError when two eval files would hold the same problem (a result counted twice)."""
+    files = {es.out_file: es.rows for es in eval_sets}
+    overlap = dp.check_disjoint(files, [es.out_file for es in eval_sets])
+    shared = {pair: n for pair, n in overlap.items() if n}
+    if shared:
+        pair, n = next(iter(shared.items()))
+        sources = " and ".join(es.info.spec for es in eval_sets)
+        raise dp.PrepError(
+            f"{pair} would share {n} problem{'s' if n != 1 else ''} (by problem hash; from {sources}); "
+            "remove them from --ood-source or --aime-source"
+        )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole pipeline; returns the report it wrote."""
     t_start = time.perf_counter()
@@ -141,6 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         eval_sets.append(dp.build_eval_set(name, spec, out_file, datasource, size, args.seed))
         dp.log(f"{name}: {len(eval_sets[-1].rows)} problems from {spec}")
+    check_eval_sets_disjoint(eval_sets)
     # Every problem of an eval source stays out of training, not only the sampled ones.
     eval_digests: dict[str, str] = {}
     for es in eval_sets:

@@ -531,6 +531,23 @@ def test_missing_source_and_bad_sizes(fixture_files, tmp_path, capsys):
     assert "--pool-subset-size" in _error_line(capsys)
 
 
+def test_eval_sets_sharing_a_problem_is_one_line(fixture_files, tmp_path, capsys):
+    """An OOD source that also holds an AIME problem: named in one line, nothing written."""
+    mixed = tmp_path / "ood_with_aime.jsonl"
+    aime_problem = "Find the sum of all positive divisors of 100."
+    mixed.write_text(fixture_files["ood"].read_text()
+                     + json.dumps({"problem": "Find the sum of all  positive divisors of 100.", "answer": "217"}) + "\n")
+    out = tmp_path / "out"
+    files = dict(fixture_files, ood=mixed)
+    capsys.readouterr()
+    assert run_cli(files, out, *SIZES) == 2
+    line = _error_line(capsys)
+    assert "probe_set_200_ood.jsonl" in line and "aime_eval.jsonl" in line and "1 problem" in line
+    assert str(mixed) in line and "--aime-source" in line
+    assert not out.exists() or not any(out.iterdir())
+    assert dp.problem_hash(aime_problem) in {dp.problem_hash(p) for p, _ in dp.read_eval_rows(str(mixed))[1]}
+
+
 def test_unwritable_out_dir_is_one_line(fixture_files, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
