@@ -254,6 +254,24 @@ def _load_base_for_merge(base: str, dtype: str, device_map: str | None) -> Any:
     return AutoModelForCausalLM.from_pretrained(base, **kwargs)
 
 
+def merge_is_cached(name: str, merged_root: str | Path, key: dict[str, Any]) -> bool:
+    """True when ``merged_root/NAME`` holds a merge made with ``key``; no merge is then needed.
+
+    A directory there without a merge record was not made by this tool:
+    :class:`EvalInputError`, so it is never overwritten.
+    """
+    target = Path(merged_root) / safe_name(name)
+    if not target.exists():
+        return False
+    record_path = target / MERGE_RECORD
+    if not record_path.is_file():
+        raise EvalInputError(
+            f"{target}: exists but was not made by eval_posthoc.py (no {MERGE_RECORD}); "
+            "remove it or choose another --merged-dir"
+        )
+    return json.loads(record_path.read_text()).get("key") == key
+
+
 def merge_adapter(
     name: str,
     adapter_dir: str | Path,
@@ -279,14 +297,8 @@ def merge_adapter(
     key = key or merge_key(adapter_dir, base, dtype)
     root = Path(merged_root)
     target = root / safe_name(name)
-    record_path = target / MERGE_RECORD
     if target.exists():
-        if not record_path.is_file():
-            raise EvalInputError(
-                f"{target}: exists but was not made by eval_posthoc.py (no {MERGE_RECORD}); "
-                "remove it or choose another --merged-dir"
-            )
-        if json.loads(record_path.read_text()).get("key") == key:
+        if merge_is_cached(name, merged_root, key):
             print(f"[merge] {name}: reusing {target} (adapter unchanged)")
             return target, False
         print(f"[merge] {name}: adapter or base changed since {target} was merged; merging again")
@@ -774,7 +786,14 @@ def run(argv: Sequence[str] | None = None, backend_factory: Callable[..., Backen
         all_tasks.extend(tasks)
         tasks_of[spec.name] = tasks
 
-    if not args.summary_only and any(s.adapter and any(t.todo() for t in tasks_of[s.name]) for s in specs):
+    # A merge still to make needs a writable --merged-dir: say so before any model is loaded
+    # (a read-only cache of finished merges is fine).
+    to_merge = [
+        s for s in specs
+        if s.adapter and not args.summary_only and any(t.todo() for t in tasks_of[s.name])
+        and not merge_is_cached(s.name, args.merged_dir, {k: v for k, v in model_info[s.name].items() if k != "kind"})
+    ]
+    if to_merge:
         ensure_writable_dir(args.merged_dir, "--merged-dir")
     for spec in specs:
         tasks = tasks_of[spec.name]

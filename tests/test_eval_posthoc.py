@@ -550,3 +550,28 @@ def test_unwritable_dirs_and_unloadable_base_are_one_line(tiny, tmp_path):
                                    "--output-dir", str(tmp_path / "o2")))
     assert "--base" in line and "no_such_base" in line
     assert not merged.exists() or not any(merged.iterdir())
+
+
+def test_current_merges_need_no_writable_merged_dir(tiny, tmp_path, monkeypatch):
+    """A read-only cache of current merges is usable: --merged-dir is write-checked only to merge.
+
+    Tests may run as root, who can write anywhere, so the write check is observed instead.
+    """
+    merged = tmp_path / "merged"
+    eval_posthoc.merge_adapter("a", tiny["adapter"], str(tiny["base"]), merged, dtype="float32")
+    checked = []
+    real_check = eval_posthoc.ensure_writable_dir
+    monkeypatch.setattr(eval_posthoc, "ensure_writable_dir", lambda path, flag: checked.append(flag) or real_check(path, flag))
+    argv = ["--backend", "hf", "--adapter", f"a={tiny['adapter']}", "--base", str(tiny["base"]),
+            "--dataset", f"probs={tiny['data']}", "--max-tokens", "6", "--merge-dtype", "float32",
+            "--merged-dir", str(merged), "--output-dir", str(tmp_path / "out"), "--bootstrap-resamples", "100"]
+    summary = eval_posthoc.run(argv)
+    assert checked == ["--output-dir"]
+    assert result(summary, "a", "greedy_pass@1")["pass@1"] == pytest.approx(3 / 5)
+    # A changed adapter must be merged again, so then the directory is checked.
+    changed = make_adapter(tiny["base"], tmp_path / "adapter2", strength=0.0)
+    checked.clear()
+    argv[argv.index(f"a={tiny['adapter']}")] = f"a={changed}"
+    summary = eval_posthoc.run(argv[:-4] + ["--output-dir", str(tmp_path / "out2"), "--bootstrap-resamples", "100"])
+    assert checked[:2] == ["--output-dir", "--merged-dir"] and "--merged-dir" in checked
+    assert result(summary, "a", "greedy_pass@1")["pass@1"] == pytest.approx(1 / 5)
