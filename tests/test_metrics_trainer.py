@@ -206,6 +206,68 @@ def test_eval_mode_labels(tr, temperature, n, mode):
     assert tr.eval_mode(temperature, n) == mode
 
 
+# ---------------------------------------------------------------------- sample rows
+
+
+class TextTokenizer:
+    """Decodes each token id to a fixed piece of text (so responses hold real answers)."""
+
+    PIECES = {1: "Q: ", 2: "what? ", 3: "so it is ", 4: "\\boxed{42}", 5: "no idea", 6: "."}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.PIECES[int(t)] for t in ids)
+
+
+def text_experience(responses):
+    """An experience whose rows are prompt [1, 2] followed by the given response token ids."""
+    width = max(len(r) for r in responses)
+    sequences = torch.zeros(len(responses), 2 + width, dtype=torch.long)
+    action_mask = torch.zeros(len(responses), 1 + width, dtype=torch.bool)
+    for i, response in enumerate(responses):
+        sequences[i, :2] = torch.tensor([1, 2])
+        sequences[i, 2 : 2 + len(response)] = torch.tensor(response)
+        action_mask[i, 1 : 1 + len(response)] = True  # action_mask[j] marks sequences[j + 1]
+    return SimpleNamespace(
+        sequences=sequences,
+        action_mask=action_mask,
+        prompts=["Q: what? "] * len(responses),
+        labels=["42"] * len(responses),
+        info={"reward": torch.tensor([1.0, 0.0]), "parse_method": torch.tensor([2.0, 0.0])},
+    )
+
+
+def test_sample_rows_carry_the_reward_modules_extracted_answer(tr):
+    extract = tr.answer_extractor(str(oprl.REPO / "reward_func_em.py"))
+    rows = tr.sample_rows([text_experience([[3, 4, 6], [5, 6]])], TextTokenizer(), 5, 16)
+    assert [r["response"] for r in rows] == ["so it is \\boxed{42}.", "no idea."]
+    assert [r.get("extracted_answer") for r in rows] == [None, None]  # no extractor: not guessed
+    rows = tr.sample_rows([text_experience([[3, 4, 6], [5, 6]])], TextTokenizer(), 5, 16, extract)
+    assert [r["extracted_answer"] for r in rows] == ["42", None]
+    assert [r["parse_method"] for r in rows] == ["boxed", "none"]
+
+
+def test_answer_extractor_is_none_without_a_python_reward_module(tr, tmp_path, monkeypatch):
+    warnings = Warnings(tr, monkeypatch)
+    assert tr.answer_extractor(None) is None
+    assert tr.answer_extractor("http://rm-host:5000/get_reward") is None  # a remote reward server
+    plain = tmp_path / "plain_reward.py"
+    plain.write_text("def reward_func(queries, prompts, labels):\n    return {}\n")
+    assert tr.answer_extractor(str(plain)) is None  # no extract_answer: nothing to call
+    assert warnings.messages == []
+    broken = tmp_path / "broken_reward.py"
+    broken.write_text("raise RuntimeError('import-time failure')\n")
+    assert tr.answer_extractor(str(broken)) is None
+    assert len(warnings.messages) == 1 and str(broken) in warnings.messages[0]
+
+
+def test_a_failing_extractor_costs_only_its_field(tr):
+    def extract(response):
+        raise ValueError("bad text")
+
+    rows = tr.sample_rows([text_experience([[3, 4, 6], [5, 6]])], TextTokenizer(), 5, 16, extract)
+    assert [r["extracted_answer"] for r in rows] == [None, None] and rows[0]["reward"] == 1.0
+
+
 # ------------------------------------------------------------------------- end to end
 
 
@@ -269,6 +331,7 @@ def test_one_trainer_step_end_to_end(patched_root, vllm_stub, monkeypatch, tmp_p
     correct = [1, 1, 1, 1, 0, 1, 0, 0]
     args, rollout = planted_rollout(em, correct, correct)
     args.save_steps = 1
+    args.remote_rm_url = str(oprl.REPO / "reward_func_em.py")  # the samples' extracted answers
     actor = actor_trainer(pa, args, fk.FakeEngine(gas=2, norms=[0.5, 80.0]))
     fill_buffer(pa, actor, [], args, monkeypatch)
     group = ActorGroup(actor)
@@ -313,6 +376,14 @@ def test_one_trainer_step_end_to_end(patched_root, vllm_stub, monkeypatch, tmp_p
     expected_response = fk.FakeTokenizer().decode(first.sequences[0, 3:].tolist())
     assert rows[0]["response"] == expected_response and rows[0]["prompt"] == "p0" and rows[0]["label"] == "42"
     assert rows[0]["correctness"] == 1.0 and rows[0]["parse_method"] == "boxed"
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reward_for_test", oprl.REPO / "reward_func_em.py")
+    reward_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reward_module)
+    for row in rows:
+        want, _ = reward_module.extract_answer(reward_module.extract_final_text(row["response"]))
+        assert row["extracted_answer"] == want
     assert rows[0]["prompt_hash"] == em.prompt_token_hash(first.sequences[0], first.action_mask[0])
     # 4. spike_log.jsonl: the optimizer step with grad norm 80 > 50
     spikes = [json.loads(x) for x in (metrics / "spike_log.jsonl").read_text().splitlines()]
