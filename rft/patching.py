@@ -12,7 +12,8 @@ Run through ``apply_patches.sh`` (see ``--help`` there). The rules, as dpkg and 
   reversing those k gives the manifest's sha256. No such k: the file is not the pristine 0.9.3
   file the patches were made against, and nothing is done.
 * Writing is all or nothing: each changed file is replaced atomically (temp file + os.replace)
-  and, if any write fails, the files already replaced are restored. The install is locked
+  and, if any write fails or is interrupted, the files already replaced are restored; Ctrl-C,
+  SIGTERM and SIGHUP are held back while the files are written. The install is locked
   (flock on the package directory) while this runs. No .orig/.rej file is ever created there.
 """
 
@@ -25,9 +26,11 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -401,26 +404,66 @@ class Manager:
 # ---------------------------------------------------------------- writing the install
 
 
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Signals held back while the install is written, so that a write set completes or rolls back."""
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold back Ctrl-C, SIGTERM and SIGHUP for the block and deliver them, once each, at its end.
+
+    Python runs signal handlers in the main thread only, so there a recording handler replaces
+    each one for the block; elsewhere this does nothing (the rollback in :func:`commit` still
+    covers an exception raised mid-write). SIGKILL cannot be held by any process.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for sig in HELD_SIGNALS:
+        handler = signal.getsignal(sig)
+        if handler is not None:  # None: installed outside Python, left alone
+            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)
+
+
 def commit(site: Path, staged: Path, targets: list[str]) -> list[str]:
-    """Replace every target that differs from its staged version; all or nothing."""
+    """Replace every target that differs from its staged version; all or nothing.
+
+    Signals are held while writing; any exception raised mid-write (a full disk, an interrupt
+    that got through) restores the files already replaced before it propagates.
+    """
     changed = [rel for rel in targets if (staged / rel).read_bytes() != (site / rel).read_bytes()]
     done: list[tuple[Path, bytes]] = []
-    try:
-        for rel in changed:
-            path = site / rel
-            original = path.read_bytes()
-            write_atomic(path, (staged / rel).read_bytes())
-            done.append((path, original))
-    except OSError as exc:
-        restore_errors = []
-        for path, original in reversed(done):
-            try:
-                write_atomic(path, original)
-            except OSError as again:
-                restore_errors.append(f"{path}: {again}")
-        detail = ("\nnot restored: " + "; ".join(restore_errors)) if restore_errors else ""
-        raise PatchError(EXIT_WRITE, f"writing {exc.filename or 'a file'} failed ({exc.strerror}); "
-                         f"{len(done) - len(restore_errors)} file(s) restored, install unchanged{detail}")
+    with signals_held():
+        try:
+            for rel in changed:
+                path = site / rel
+                done.append((path, path.read_bytes()))  # before writing: restored even if cut off mid-write
+                write_atomic(path, (staged / rel).read_bytes())
+        except BaseException as exc:
+            restored, restore_errors = 0, []
+            for path, original in reversed(done):
+                try:
+                    if path.read_bytes() != original:  # the file being written may still be the old one
+                        write_atomic(path, original)
+                        restored += 1
+                except OSError as again:
+                    restore_errors.append(f"{path}: {again}")
+            if not isinstance(exc, OSError):
+                raise
+            state = "INSTALL HALF-WRITTEN, not restored: " + "; ".join(restore_errors) if restore_errors else (
+                "install unchanged"
+            )
+            raise PatchError(EXIT_WRITE, f"writing {exc.filename or 'a file'} failed ({exc.strerror}); "
+                             f"{restored} file(s) restored, {state}")
     for rel in changed:
         drop_bytecode(site / rel)
     return changed

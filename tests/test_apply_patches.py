@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -223,6 +224,74 @@ def test_failed_write_restores_every_file(site, monkeypatch, capsys):
     assert "No space left on device" in capsys.readouterr().err
     assert len(calls) == 3  # first write, failed write, restore of the first
     assert {k: v[0] for k, v in snapshot(site).items()} == {k: v[0] for k, v in before.items()}
+
+
+def import_patching():
+    sys.path.insert(0, str(oprl.REPO))
+    try:
+        from rft import patching
+    finally:
+        sys.path.remove(str(oprl.REPO))
+    return patching
+
+
+def test_interrupt_during_writes_restores_every_file(site, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) raised by the second write: the first file is restored too."""
+    patching = import_patching()
+    before = snapshot(site)
+    real_write, calls = patching.write_atomic, []
+
+    def interrupted_write(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_write(path, data)
+
+    monkeypatch.setattr(patching, "write_atomic", interrupted_write)
+    with pytest.raises(KeyboardInterrupt):
+        patching.main(["--target", str(site), "--series", str(oprl.PATCHES / "series"), "--quiet"])
+    assert len(calls) == 3  # first write, interrupted write, restore of the first
+    assert {k: v[0] for k, v in snapshot(site).items()} == {k: v[0] for k, v in before.items()}
+    assert litter(site) == []
+
+
+def test_failed_restore_is_reported_not_hidden(site, monkeypatch, capsys):
+    """Every write fails after the first: the error says in its one line that the install is half-written."""
+    patching = import_patching()
+    real_write, calls = patching.write_atomic, []
+
+    def failing_after_first(path, data):
+        calls.append(path)
+        if len(calls) >= 2:
+            raise OSError(28, "No space left on device", str(path))
+        real_write(path, data)
+
+    monkeypatch.setattr(patching, "write_atomic", failing_after_first)
+    code = patching.main(["--target", str(site), "--series", str(oprl.PATCHES / "series"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 4 and len(err) == 1
+    assert "0 file(s) restored, INSTALL HALF-WRITTEN, not restored: " in err[0] and str(calls[0]) in err[0]
+
+
+def test_signal_during_writes_waits_until_every_file_is_written(site, tmp_path, monkeypatch):
+    """SIGINT arriving mid-write is held until the whole set is written, then delivered."""
+    patching = import_patching()
+    real_write, calls = patching.write_atomic, []
+
+    def write_then_signal(path, data):
+        calls.append(path)
+        real_write(path, data)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(patching, "write_atomic", write_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        patching.main(["--target", str(site), "--series", str(oprl.PATCHES / "series"), "--quiet"])
+    expected = patched_by_hand(tmp_path / "by_hand", oprl.PATCHES / "series")
+    assert len(calls) == len(manifest())
+    for rel in manifest():
+        assert (site / rel).read_bytes() == (expected / rel).read_bytes(), rel
+    assert litter(site) == []
 
 
 def test_wrong_version_is_refused(site):
