@@ -45,13 +45,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--interval", type=float, default=60.0, help="seconds between checks with --follow (default 60)")
     p.add_argument("--max-norm", type=float, default=1.0, help="the run's --max_norm (grad clipping; default 1.0)")
     p.add_argument("--window", type=int, default=3, help="steps a condition must hold (default 3)")
+    p.add_argument(
+        "--save-steps",
+        type=int,
+        help="the run's --save_steps: the early-stop advice then names a checkpoint that exists (global_stepN)",
+    )
     return p.parse_args(argv)
 
 
 def check_once(args: argparse.Namespace, last: list[int] | None = None) -> int:
     """One report (and PNG); returns the exit code, also stored in ``last[0]`` before printing."""
     last = last if last is not None else [EXIT_UNREADABLE]
-    th = Thresholds(window=args.window, max_norm=args.max_norm)
+    th = Thresholds(window=args.window, max_norm=args.max_norm, save_steps=args.save_steps)
     try:
         run = load_run(args.metrics_dir)
     except ValueError as e:

@@ -62,6 +62,7 @@ class Thresholds:
     entropy_stop: float = 0.2
     length_drop: float = 0.5
     hacking_warn: float = 0.05
+    save_steps: int | None = None  # the run's --save_steps: which steps have a checkpoint
 
 
 @dataclass
@@ -258,6 +259,38 @@ def check_zero_std(run: Run, th: Thresholds) -> Verdict:
     return Verdict("frac_reward_zero_std", OK, f"{_mean(last):.2f}")
 
 
+def early_stop_action(series: list[tuple[int, float]], key: str, save_steps: int | None) -> str:
+    """The checkpoint to keep when held-out eval falls; only steps OpenRLHF saved are named.
+
+    OpenRLHF saves checkpoint ``global_step{N}`` when N % save_steps == 0, so the best eval
+    step may have none: then the best eval among saved steps, else the last save before it.
+    """
+    best_step, best = max(series, key=lambda x: (x[1], -x[0]))
+    if save_steps is not None and save_steps <= 0:
+        return f"early stop: best {key} {best:.3f} at step {best_step}; the run saves no checkpoints (--save_steps {save_steps})"
+    if not save_steps:
+        return (
+            f"early stop: keep the checkpoint nearest step {best_step} (best {key} {best:.3f}); "
+            "pass --save-steps to name one that exists"
+        )
+    if best_step % save_steps == 0:
+        return f"early stop: keep checkpoint global_step{best_step} (best {key} {best:.3f})"
+    saved = [(step, v) for step, v in series if step % save_steps == 0]
+    if saved:
+        step, v = max(saved, key=lambda x: (x[1], -x[0]))
+        return (
+            f"early stop: keep checkpoint global_step{step} ({key} {v:.3f}, the best eval with a checkpoint; "
+            f"the best, {best:.3f} at step {best_step}, has none)"
+        )
+    before = best_step // save_steps * save_steps
+    if before > 0:
+        return (
+            f"early stop: best {key} {best:.3f} at step {best_step} has no checkpoint; "
+            f"the last one before it is global_step{before} (not evaluated)"
+        )
+    return f"early stop: best {key} {best:.3f} at step {best_step}; no checkpoint at or before step {best_step}"
+
+
 def check_eval(run: Run, th: Thresholds) -> Verdict:
     keys = run.eval_keys()
     if not keys:
@@ -278,7 +311,7 @@ def check_eval(run: Run, th: Thresholds) -> Verdict:
                 STOP,
                 f"{key} fell at two evals in a row: {s[-3][1]:.3f} -> {s[-2][1]:.3f} -> {s[-1][1]:.3f}"
                 + (" while train correctness rose" if rising else ""),
-                f"early stop: keep the checkpoint of step {best_step} (best {key})",
+                early_stop_action(s, key, th.save_steps),
             )
     if worst.level == OK:
         worst.detail = "; ".join(details)

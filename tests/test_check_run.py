@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -44,7 +45,37 @@ def test_verdicts_on_synthetic_runs(kind, tmp_path):
 def test_eval_divergence_names_the_best_checkpoint(tmp_path):
     run = run_health.load_run(synthetic_runs.write_run(tmp_path, "eval_divergence"))
     verdict = run_health.check_eval(run, run_health.Thresholds())
-    assert "step 15" in verdict.action and "0.350 -> 0.330 -> 0.310" in verdict.detail
+    assert "0.350 -> 0.330 -> 0.310" in verdict.detail
+    # evals 0.30 0.34 0.36 0.35 0.33 0.31 at steps 5..30; without --save-steps no checkpoint is named
+    assert "step 15" in verdict.action and "global_step" not in verdict.action and "--save-steps" in verdict.action
+
+
+@pytest.mark.parametrize(
+    ("save_steps", "fragment"),
+    [
+        (5, "keep checkpoint global_step15 (best"),  # the best eval step has a checkpoint
+        (15, "keep checkpoint global_step15 (best"),
+        (10, "keep checkpoint global_step20 (eval/probe_ood/greedy_pass@1 0.350"),  # best with a checkpoint
+        (7, "global_step14"),  # no eval step holds a checkpoint: the last one before the best eval
+        (40, "no checkpoint at or before step 15"),
+        (-1, "the run saves no checkpoints"),
+    ],
+)
+def test_early_stop_names_a_checkpoint_that_exists(tmp_path, save_steps, fragment):
+    run = run_health.load_run(synthetic_runs.write_run(tmp_path, "eval_divergence"))
+    verdict = run_health.check_eval(run, run_health.Thresholds(save_steps=save_steps))
+    assert verdict.level == "stop" and fragment in verdict.action, verdict.action
+    named = [int(x) for x in re.findall(r"global_step(\d+)", verdict.action)]
+    assert save_steps > 0 or not named
+    assert all(step % save_steps == 0 for step in named)  # only steps where OpenRLHF saved
+
+
+def test_cli_passes_save_steps(tmp_path, capsys):
+    from check_run import main
+
+    run_dir = synthetic_runs.write_run(tmp_path, "eval_divergence")
+    assert main([str(run_dir), "--no-png", "--save-steps", "10"]) == 2
+    assert "keep checkpoint global_step20" in capsys.readouterr().out
 
 
 def test_one_fall_is_not_divergence(tmp_path):
