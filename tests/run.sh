@@ -7,7 +7,8 @@
 # First run: creates a virtual environment (RFT_VENV, default .venv) with the CPU
 # test stack and the pristine openrlhf==0.9.3 from PyPI (a few minutes). Later
 # runs reuse it and start the tests in seconds; the environment is rebuilt only
-# when tests/requirements-cpu.txt or this script's install steps change.
+# when tests/requirements-cpu.txt or this script's install steps change. Every run also checks
+# the environment's openrlhf against the wheel and reinstalls it if it was patched in place.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -47,6 +48,51 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$want" ]]; then
   echo "tests/run.sh: installing the CPU test stack into $VENV (first run takes a few minutes)" >&2
   install_env
   echo "$want" >"$STAMP"
+fi
+
+pristine_problem() {
+  # One line when the environment's openrlhf is not the pristine wheel (every file is checked
+  # against the wheel's RECORD), nothing when it is. Standard library only; about 0.1 s.
+  "$VENV/bin/python" - "$OPENRLHF_VERSION" <<'PY'
+import base64, hashlib, sys
+from importlib import metadata
+
+
+def stop(problem: str) -> None:
+    print(problem)
+    sys.exit(0)
+
+
+try:
+    dist = metadata.distribution("openrlhf")
+except metadata.PackageNotFoundError:
+    stop("openrlhf is not installed")
+if dist.version != sys.argv[1]:
+    stop(f"openrlhf {dist.version} is installed, not {sys.argv[1]}")
+for entry in dist.files or []:
+    if entry.hash is None or entry.hash.mode != "sha256" or not str(entry).startswith("openrlhf/"):
+        continue
+    try:
+        data = entry.locate().read_bytes()
+    except OSError:
+        stop(f"{entry} is missing from the installed openrlhf")
+    if base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode() != entry.hash.value:
+        stop(f"{entry} differs from the openrlhf {sys.argv[1]} wheel")
+PY
+}
+
+# The tests copy the environment's openrlhf as the pristine tree, so it must stay pristine:
+# apply_patches.sh run with this environment active would patch it. Reinstall it if so.
+problem="$(pristine_problem)"
+if [[ -n "$problem" ]]; then
+  echo "tests/run.sh: $problem; reinstalling the pristine openrlhf==$OPENRLHF_VERSION into $VENV" >&2
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps --force-reinstall \
+    "openrlhf==$OPENRLHF_VERSION"
+  problem="$(pristine_problem)"
+  if [[ -n "$problem" ]]; then
+    echo "tests/run.sh: $problem after reinstalling; remove $VENV and run again" >&2
+    exit 2
+  fi
 fi
 
 cd "$ROOT"

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 import oprl
+
+RUN_SH = oprl.REPO / "tests" / "run.sh"
 
 
 def _manifest() -> list[tuple[str, str]]:
@@ -82,3 +87,78 @@ def test_flash_attn_loads_without_cuda_kernels(pristine_root):
     unpadded, indices, *_ = unpad_input(x, mask)
     assert unpadded.shape == (3, 3)
     assert torch.equal(pad_input(unpadded, indices, 1, 4)[0, 2], torch.zeros(3))
+
+
+# ---------------------------------------------------------------- tests/run.sh keeps openrlhf pristine
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Stand-in for the venv's python: records each call; runs heredoc scripts ('-') with the real
+# Python on the fake site; 'pip install' copies the pristine package back when PRISTINE is set.
+echo "$*" >>"$LOG"
+case "$1 $2" in
+  "- "*) PYTHONPATH="$FAKE_SITE" exec "$REAL_PYTHON" "$@" ;;
+  "-m pip") if [[ -n "$PRISTINE" ]]; then rm -rf "$FAKE_SITE/openrlhf" && cp -r "$PRISTINE/openrlhf" "$FAKE_SITE/"; fi ;;
+esac
+exit 0
+"""
+
+
+def fake_venv(tmp_path: Path) -> tuple[Path, Path]:
+    """A venv whose python is FAKE_PYTHON, with a stamp that says the install is current."""
+    venv, site = tmp_path / "venv", tmp_path / "site"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(FAKE_PYTHON)
+    (venv / "bin" / "python").chmod(0o755)
+    oprl.pristine_copy(site)
+    for dist_info in oprl.SITE.glob("openrlhf-*.dist-info"):
+        shutil.copytree(dist_info, site / dist_info.name)
+    stamp = subprocess.run(
+        ["bash", "-c", "{ cat \"$1\"; sed -n '/^install_env()/,/^}/p' \"$2\"; } | sha256sum | cut -d' ' -f1",
+         "_", str(oprl.REPO / "tests" / "requirements-cpu.txt"), str(RUN_SH)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    (venv / ".rft-install-stamp").write_text(stamp)
+    return venv, site
+
+
+def run_testbed(venv: Path, site: Path, tmp_path: Path, pristine: Path | None) -> tuple[subprocess.CompletedProcess, list[str]]:
+    log = tmp_path / "calls.log"
+    log.write_text("")
+    env = {"PATH": os.environ["PATH"], "RFT_VENV": str(venv), "LOG": str(log), "FAKE_SITE": str(site),
+           "REAL_PYTHON": sys.executable, "PRISTINE": str(pristine or "")}
+    proc = subprocess.run(["bash", str(RUN_SH), "-k", "nothing"], capture_output=True, text=True, env=env)
+    return proc, log.read_text().splitlines()
+
+
+def test_run_sh_goes_straight_to_pytest_on_a_pristine_install(tmp_path):
+    venv, site = fake_venv(tmp_path)
+    proc, calls = run_testbed(venv, site, tmp_path, pristine=None)
+    assert proc.returncode == 0, proc.stderr
+    assert calls == ["- 0.9.3", "-m pytest -k nothing"]
+
+
+def test_run_sh_reinstalls_an_openrlhf_patched_in_place(tmp_path, pristine_root):
+    venv, site = fake_venv(tmp_path)
+    loss = site / "openrlhf" / "models" / "loss.py"
+    loss.write_text(loss.read_text() + "# patched in place\n")
+    proc, calls = run_testbed(venv, site, tmp_path, pristine=pristine_root)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"tests/run.sh: openrlhf/models/loss.py differs from the openrlhf 0.9.3 wheel; "
+        f"reinstalling the pristine openrlhf==0.9.3 into {venv}"
+    ]
+    assert calls[1].startswith("-m pip install") and calls[1].endswith("--no-deps --force-reinstall openrlhf==0.9.3")
+    assert calls[-1] == "-m pytest -k nothing" and calls.count("- 0.9.3") == 2
+    assert loss.read_bytes() == (pristine_root / "openrlhf" / "models" / "loss.py").read_bytes()
+
+
+def test_run_sh_stops_when_the_reinstall_does_not_help(tmp_path):
+    venv, site = fake_venv(tmp_path)
+    (site / "openrlhf" / "models" / "loss.py").unlink()
+    proc, calls = run_testbed(venv, site, tmp_path, pristine=None)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"tests/run.sh: openrlhf/models/loss.py is missing from the installed openrlhf after reinstalling; "
+        f"remove {venv} and run again"
+    )
+    assert not any("pytest" in c for c in calls)
