@@ -93,11 +93,13 @@ def test_flash_attn_loads_without_cuda_kernels(pristine_root):
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 # Stand-in for the venv's python: records each call; runs heredoc scripts ('-') with the real
-# Python on the fake site; 'pip install' copies the pristine package back when PRISTINE is set.
+# Python on the fake site; 'pip install' copies the pristine package back when PRISTINE is set;
+# 'pytest' exits with FAKE_PYTEST_RC.
 echo "$*" >>"$LOG"
 case "$1 $2" in
   "- "*) PYTHONPATH="$FAKE_SITE" exec "$REAL_PYTHON" "$@" ;;
   "-m pip") if [[ -n "$PRISTINE" ]]; then rm -rf "$FAKE_SITE/openrlhf" && cp -r "$PRISTINE/openrlhf" "$FAKE_SITE/"; fi ;;
+  "-m pytest") exit "${FAKE_PYTEST_RC:-0}" ;;
 esac
 exit 0
 """
@@ -162,3 +164,16 @@ def test_run_sh_stops_when_the_reinstall_does_not_help(tmp_path):
         f"remove {venv} and run again"
     )
     assert not any("pytest" in c for c in calls)
+
+
+@pytest.mark.parametrize(("pytest_rc", "ci_rc"), [(0, 0), (1, 1), (5, 1), (2, 2)])
+def test_ci_run_calls_run_sh_and_fails_when_no_test_ran(tmp_path, pytest_rc, ci_rc):
+    """.ci/run is the README's test command; pytest's 5 (no tests collected) is a failure there."""
+    venv, site = fake_venv(tmp_path)
+    log = tmp_path / "calls.log"
+    env = {"PATH": os.environ["PATH"], "RFT_VENV": str(venv), "LOG": str(log), "FAKE_SITE": str(site),
+           "REAL_PYTHON": sys.executable, "PRISTINE": "", "FAKE_PYTEST_RC": str(pytest_rc)}
+    proc = subprocess.run(["bash", str(oprl.REPO / ".ci" / "run")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == ci_rc, proc.stderr
+    assert log.read_text().splitlines() == ["- 0.9.3", "-m pytest"]
+    assert ("no tests" in proc.stderr) == (pytest_rc == 5)
