@@ -10,6 +10,9 @@ bench/bench_reward.py, not asserted here.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -160,3 +163,27 @@ def test_odd_call_shapes():
     assert out["extra_logs"]["reward_error"] == [0.0, 0.0, 1.0]
     empty = rf.reward_func([], [], [])
     assert empty["rewards"] == [] and all(v == [] for v in empty["extra_logs"].values())
+
+
+HANG_GUARD_S = 120
+"""Ceiling for scoring every adversarial input in a child process; they take well under a second.
+
+Not a timing assertion: a parser that went quadratic on these megabyte inputs would run for
+many minutes, and this turns that hang into a failure instead of a stuck CI job."""
+
+
+def test_adversarial_inputs_finish_in_a_child_process():
+    repo = Path(rf.__file__).resolve().parent
+    code = (
+        "import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tests']\n"
+        "import reward_func_em as rf, test_reward_props as t\n"
+        "out = [rf.reward_func([r], [''], ['1'])['extra_logs']['has_answer'] for _, r in t.ADVERSARIAL]\n"
+        "print(len(out), sum(out))\n"
+    )
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(repo)], capture_output=True, text=True,
+                              timeout=HANG_GUARD_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"scoring the adversarial inputs did not finish in {HANG_GUARD_S} s: the parser hangs")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(len(ADVERSARIAL)), "0.0"]
