@@ -18,6 +18,9 @@ What the groups prove:
   targets dropped by a later adapter return to W0; the evidence is right;
 * trainer side: the real ``_broadcast_lora_to_vllm`` gathers, packs and ships one
   buffer through a real local Ray object store into emulated engines;
+* transport modes: the real ``ActorPPOTrainer.__init__`` joins the group 0.9.3 joins without
+  LoRA in every mode, and with LoRA picks the NCCL group or the object store (then creating
+  no group) as docs/weight_sync.md says; CUDA work is synchronized before a group init;
 * GPU (marked ``gpu``): the same merge checks at gpt-oss-20b attention shapes.
 """
 
@@ -167,6 +170,93 @@ def test_policy_actor_returns_the_sync_metrics(request, vllm_stub, variant):
     returned = actor_cls.broadcast_to_vllm(fake)
     assert (returned is metrics) == (variant == "patched")
     assert hasattr(ppo_actor.ActorPPOTrainer, "_broadcast_lora_to_vllm") == (variant == "patched")
+
+
+# ----------------------------------------------------------------------------- transport modes
+class InitRecorder:
+    """What ``ActorPPOTrainer.__init__`` does towards the engines: CUDA syncs, engine calls, groups.
+
+    Stands in for the GPU and Ray calls of the weight-sync setup (one trainer rank, rank 0);
+    the real ``__init__`` of the module under test decides which of them to make.
+    """
+
+    def __init__(self):
+        self.events: list[str] = []
+
+    def engine(self):
+        recorder = self
+
+        def init_process_group(*args, use_ray=False, **kwargs):
+            recorder.events.append(f"engine.init_process_group(use_ray={use_ray})")
+            return "ref"
+
+        return types.SimpleNamespace(init_process_group=types.SimpleNamespace(remote=init_process_group))
+
+
+# (lora_rank, colocate_all_models, vllm_sync_with_ray, async_train): the group rank 0 joins and
+# whether the adapter goes through the object store; 0.9.3's choice without LoRA stays as it was
+SYNC_MODES = {
+    (0, False, False, False): ("pynccl", False),
+    (0, False, True, False): ("ray.util.collective", False),
+    (0, True, False, False): (None, False),  # CUDA IPC: no group
+    (8, False, False, False): ("pynccl", False),  # packed buffer over the NCCL group
+    (8, False, True, False): (None, True),  # object store: no ray.util.collective group
+    (8, True, False, False): (None, True),  # colocated: CUDA IPC has no group, object store
+    (8, True, False, True): ("pynccl", False),  # async colocated: 0.9.3 takes NCCL, so does LoRA
+}
+
+
+@pytest.mark.parametrize("variant", ["pristine", "patched"])
+@pytest.mark.parametrize("mode", list(SYNC_MODES), ids=lambda m: "lora{}-colocate{:d}-ray{:d}-async{:d}".format(*m))
+def test_trainer_init_picks_the_transport_of_each_mode(request, vllm_stub, monkeypatch, variant, mode):
+    """The real ``ActorPPOTrainer.__init__``: which group rank 0 joins, and the LoRA transport."""
+    import sys
+
+    from fixtures import metrics_fakes as fk
+
+    lora_rank, colocate, with_ray, async_train = mode
+    ppo_actor = oprl.load(request.getfixturevalue(f"{variant}_root"), "openrlhf.trainer.ray.ppo_actor")
+    rec = InitRecorder()
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, **k: 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: rec.events.append("cuda.synchronize"))
+    monkeypatch.setattr(ppo_actor, "torch_dist_barrier_and_cuda_sync", lambda: None)
+    monkeypatch.setattr(
+        ppo_actor, "stateless_init_process_group", lambda *a, **k: rec.events.append("group:pynccl") or "pynccl"
+    )
+    fake_ray = types.SimpleNamespace(
+        get=lambda refs: refs,
+        _private=types.SimpleNamespace(services=types.SimpleNamespace(get_node_ip_address=lambda: "127.0.0.1")),
+    )
+    monkeypatch.setattr(ppo_actor, "ray", fake_ray)
+    collective = types.ModuleType("ray.util.collective")
+    collective.init_collective_group = lambda **kw: rec.events.append("group:ray.util.collective")
+    monkeypatch.setitem(sys.modules, "ray.util.collective", collective)
+    import ray.util
+
+    monkeypatch.setattr(ray.util, "collective", collective, raising=False)
+
+    args = fk.make_args(
+        lora_rank=lora_rank, colocate_all_models=colocate, vllm_sync_with_ray=with_ray, async_train=async_train,
+        vllm_sync_backend="nccl", vllm_num_engines=2, vllm_tensor_parallel_size=2,
+    )
+    strategy = types.SimpleNamespace(args=args)
+    trainer = ppo_actor.ActorPPOTrainer(strategy, None, None, None, None, vllm_engines=[rec.engine(), rec.engine()])
+
+    group, object_store = SYNC_MODES[mode]
+    groups = [e.removeprefix("group:") for e in rec.events if e.startswith("group:")]
+    if variant == "patched":
+        assert groups == ([group] if group else [])
+        assert trainer.lora_sync == (lora_rank > 0) and trainer.lora_via_object_store == object_store
+        if group:  # kernels finish before the group init, and the engines join the same group
+            assert rec.events[0] == "cuda.synchronize"
+            assert rec.events.count(f"engine.init_process_group(use_ray={with_ray})") == 2
+        else:
+            assert not [e for e in rec.events if e.startswith("engine.")]
+    else:  # 0.9.3 ignores --lora_rank here: the full-weight choice in every mode
+        pristine_group = None if (colocate and not async_train) else ("ray.util.collective" if with_ray else "pynccl")
+        assert groups == ([pristine_group] if pristine_group else [])
+        assert "cuda.synchronize" not in rec.events and not hasattr(trainer, "lora_via_object_store")
 
 
 # ----------------------------------------------------------------------------- names
