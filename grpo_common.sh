@@ -126,6 +126,7 @@ declare -A RFT_TRACKED=(
   [--pretrain]=MODEL_PATH
   [--actor_learning_rate]=LR
   [--init_kl_coef]=INIT_KL_COEF
+  [--lora_rank]=LORA_RANK
   [--n_samples_per_prompt]=N_SAMPLES
   [--train_batch_size]=TRAIN_BATCH_SIZE
   [--rollout_batch_size]=ROLLOUT_BATCH_SIZE
@@ -290,6 +291,16 @@ rft_print_command() {
 }
 
 # ---- checks, in launch order ------------------------------------------------------------
+# Combinations OpenRLHF 0.9.3 accepts but cannot run.
+rft_check_args() {
+  local arg
+  for arg in "${USER_ARGS[@]}"; do
+    if [[ "$arg" == --enable_ema && ! "$LORA_RANK" =~ ^0*$ ]]; then
+      rft_die "argument --enable_ema: OpenRLHF 0.9.3's EMA update pairs the policy's parameters with the EMA model's by position, which fails with LoRA (--lora_rank $LORA_RANK); drop --enable_ema"
+    fi
+  done
+}
+
 rft_check_patches() {
   if ! "$PYTHON_BIN" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("openrlhf") is None)' 2>/dev/null; then
     rft_die "python: $PYTHON_BIN cannot import openrlhf; activate the training environment or set PYTHON"
@@ -523,6 +534,7 @@ grpo_main() {
   echo "== train_grpo_$MODEL_SIZE $(date -u +%Y-%m-%dT%H:%M:%SZ) run $RUN_NAME$( ((DRY_RUN)) && echo ' (dry run)')"
   echo "log: $LOG_FILE"
 
+  rft_check_args
   rft_check_patches
   rft_check_data
   rft_check_preflight

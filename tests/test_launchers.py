@@ -285,6 +285,18 @@ def test_lr_scheduler_other_than_cosine_with_min_lr_is_refused(bed):
     assert proc.returncode == 1 and "only cosine_with_min_lr accepts" in last_line(proc)
 
 
+def test_ema_with_lora_is_refused(bed, patched_root):
+    """0.9.3's moving_average zips the policy's and the EMA model's parameters: LoRA breaks it."""
+    proc = bed.run(LAUNCHERS["20b"], "--dry-run", "--enable_ema")
+    assert proc.returncode == 1
+    assert last_line(proc).startswith("train_grpo_20b: argument --enable_ema: OpenRLHF 0.9.3's EMA update")
+    assert "(--lora_rank 32); drop --enable_ema" in last_line(proc)
+    # without LoRA (full fine-tuning) EMA is a valid choice and goes through to the parser
+    _, argv = dry_run(bed, "20b", "--enable_ema", "--lora_rank", "0")
+    args = parse_train_args(patched_root, argv)
+    assert args.enable_ema is True and args.lora_rank == 0
+
+
 def test_user_secret_is_not_printed_or_recorded(bed, patched_root):
     proc, argv = dry_run(bed, "20b", "--use_wandb", "sekret-key")
     assert "sekret-key" not in proc.stdout + proc.stderr
