@@ -17,7 +17,9 @@ What the groups prove:
   adapter does not touch stays bitwise equal; a zero adapter leaves W0 bitwise;
   targets dropped by a later adapter return to W0; the evidence is right;
 * trainer side: the real ``_broadcast_lora_to_vllm`` gathers, packs and ships one
-  buffer through a real local Ray object store into emulated engines;
+  buffer through a real local Ray object store into emulated engines, and over the
+  model-update group (its broadcast emulated in process) into workers that receive it
+  with ``receive="nccl"``;
 * transport modes: the real ``ActorPPOTrainer.__init__`` joins the group 0.9.3 joins without
   LoRA in every mode, and with LoRA picks the NCCL group or the object store (then creating
   no group) as docs/weight_sync.md says; CUDA work is synchronized before a group init;
@@ -515,22 +517,18 @@ def single_rank_group(tmp_path):
     dist.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_trainer_ships_one_packed_buffer_through_the_object_store(
-    patched_root, vllm_stub, local_ray, single_rank_group, monkeypatch
-):
-    """The real ``broadcast_to_vllm`` of a ZeRO-3-partitioned PEFT gpt-oss (one rank), real Ray.
+def zero3_peft_gpt_oss(ppo_actor, monkeypatch, seed=71):
+    """A bf16 PEFT gpt-oss (LoRA on q/k/v/o, random A and B) partitioned in place by ZeRO-3.
 
-    On a GPU machine the model, the gather and the packing run on CUDA with NCCL (and the
-    buffer is staged in pinned memory); elsewhere on CPU with gloo.
+    Returns ``(peft_model, checkpoint, adapter)``: the base attention tensors by checkpoint
+    name and ``{hf_name: (A, B, scale)}``, both copied before partitioning.
     """
     import deepspeed
 
-    ppo_actor = oprl.load(patched_root, "openrlhf.trainer.ray.ppo_actor")
     peft_model, _ = tiny_peft_gpt_oss(["q_proj", "k_proj", "v_proj", "o_proj"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peft_model = peft_model.to(device, torch.bfloat16)  # the actor trains in bf16: the payload is bf16
-    gen = torch.Generator().manual_seed(71)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if ppo_actor.is_lora_weight_name(name):
@@ -551,6 +549,20 @@ def test_trainer_ships_one_packed_buffer_through_the_object_store(
     zero3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}}
     deepspeed.zero.Init(module=peft_model, config_dict_or_path=zero3, dtype=torch.bfloat16)  # partition in place
     assert all(p.numel() == 0 for n, p in peft_model.named_parameters() if ppo_actor.is_lora_weight_name(n))
+    return peft_model, checkpoint, adapter
+
+
+@pytest.mark.slow
+def test_trainer_ships_one_packed_buffer_through_the_object_store(
+    patched_root, vllm_stub, local_ray, single_rank_group, monkeypatch
+):
+    """The real ``broadcast_to_vllm`` of a ZeRO-3-partitioned PEFT gpt-oss (one rank), real Ray.
+
+    On a GPU machine the model, the gather and the packing run on CUDA with NCCL (and the
+    buffer is staged in pinned memory); elsewhere on CPU with gloo.
+    """
+    ppo_actor = oprl.load(patched_root, "openrlhf.trainer.ray.ppo_actor")
+    peft_model, checkpoint, adapter = zero3_peft_gpt_oss(ppo_actor, monkeypatch)
 
     harness = local_ray.remote(emu.EngineHarness)
     engines = [harness.remote(str(patched_root), TINY, tp, checkpoint) for tp in (2, 1)]
@@ -578,6 +590,71 @@ def test_trainer_ships_one_packed_buffer_through_the_object_store(
     trainer.vllm_engines = [harness.remote(str(patched_root), dict(TINY, layers=1), 1, one_layer)]
     with pytest.raises(Exception, match="no parameter for this weight"):
         trainer.broadcast_to_vllm()
+
+
+class ModelUpdateGroup:
+    """The model-update group's ``broadcast`` (vLLM's PyNcclCommunicator API) inside one process.
+
+    Trainer rank 0 broadcasts first (its engine calls are deferred until ``ray.get``); each
+    worker's receive then copies what was sent into the buffer it allocated. Only NCCL itself is
+    replaced: the sizes, dtypes and order of the calls are the patched code's own.
+    """
+
+    def __init__(self):
+        self.sent: torch.Tensor | None = None
+        self.receives = 0
+
+    def broadcast(self, tensor, src=0, stream=None):
+        assert src == 0 and tensor.dtype == torch.uint8 and tensor.dim() == 1
+        if self.sent is None:
+            self.sent = tensor.detach().cpu().clone()
+        else:
+            assert tensor.numel() == self.sent.numel(), "receiver allocated a buffer of another size"
+            tensor.copy_(self.sent)
+            self.receives += 1
+
+
+def test_trainer_ships_one_packed_buffer_over_the_model_update_group(
+    patched_root, vllm_stub, wrap, engine_mod, single_rank_group, monkeypatch
+):
+    """The NCCL transport (no --vllm_sync_with_ray, not colocated): rank 0 fires the engines'
+    ``apply_lora_update(spec, None)``, broadcasts the packed buffer once on the model-update
+    group, and every TP worker receives it with ``receive="nccl"`` and merges it exactly."""
+    ppo_actor = oprl.load(patched_root, "openrlhf.trainer.ray.ppo_actor")
+    peft_model, checkpoint, adapter = zero3_peft_gpt_oss(ppo_actor, monkeypatch, seed=72)
+    group = ModelUpdateGroup()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: None)  # no GPU: no stream
+    engines, llms, models = [], [], []
+    for tp in (2, 1):
+        ranks, workers = make_ranks(wrap, TINY, tp, checkpoint)
+        for worker in workers:
+            worker._model_update_group = group
+        llm = emu.EmulatedAsyncLLM(workers)
+
+        def apply_lora_update(spec, payload, llm=llm):
+            assert payload is None  # the bytes come over the group, not as an argument
+            return lambda: engine_call(engine_mod, "apply_lora_update", llm, spec, payload)
+
+        engines.append(types.SimpleNamespace(apply_lora_update=types.SimpleNamespace(remote=apply_lora_update)))
+        llms.append(llm)
+        models.append((tp, ranks))
+    monkeypatch.setattr(ppo_actor, "ray", types.SimpleNamespace(get=lambda refs: [ref() for ref in refs]))
+
+    args = types.SimpleNamespace(zero_stage=3, ds_tensor_parallel_size=1, vllm_sync_with_ray=False, lora_rank=4)
+    trainer = ppo_actor.ActorPPOTrainer.__new__(ppo_actor.ActorPPOTrainer)
+    trainer.strategy, trainer.args, trainer.vllm_engines = types.SimpleNamespace(args=args), args, engines
+    trainer.actor = types.SimpleNamespace(model=types.SimpleNamespace(module=peft_model))
+    trainer.lora_sync, trainer.lora_via_object_store, trainer._model_update_group = True, False, group
+
+    metrics = trainer.broadcast_to_vllm()
+    assert set(metrics) == set(ppo_actor.LORA_SYNC_METRICS) and metrics["sync_changed_frac"] > 0
+    assert group.receives == 3  # one send, one receive per TP worker of both engines
+    assert [llm.calls for llm in llms] == [["apply_lora_delta"]] * 2 and all(llm.prefix_cache_resets == 1 for llm in llms)
+    reference = merged_checkpoint(checkpoint, adapter, torch.bfloat16)
+    for tp, ranks in models:
+        for r, model in enumerate(ranks):
+            want = emu.state_copy(emu.build_rank(TINY, r, tp, reference))
+            assert_bitwise(emu.state_copy(model), want, [n for n in want if ".attn." in n])
 
 
 # ----------------------------------------------------------------------------- GPU
