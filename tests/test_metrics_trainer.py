@@ -119,7 +119,9 @@ class RecordingEngine:
     def __init__(self, calls):
         self.calls = calls
         self.get_num_unfinished_requests = SimpleNamespace(remote=lambda: 0)
-        self.generate_responses = SimpleNamespace(remote=lambda **kw: self.calls.append(kw["num_samples"]))
+        self.generate_responses = SimpleNamespace(
+            remote=lambda **kw: self.calls.append((kw["num_samples"], kw["sampling_params"].temperature))
+        )
 
 
 @pytest.mark.parametrize("variant", ["pristine", "patched"])
@@ -129,13 +131,15 @@ def test_eval_generates_eval_count(request, vllm_stub, monkeypatch, variant):
     monkeypatch.setattr(em, "ray", fk.fake_ray())
     gen = em.SamplesGenerator.__new__(em.SamplesGenerator)
     gen.args = fk.make_args(n_samples_per_prompt=8)
-    calls: list[int] = []
+    calls: list[tuple[int, float]] = []
     gen.vllm_engines = [RecordingEngine(calls)]
     gen.tokenizer = fk.FakeTokenizer()
     # what PPOTrainer.fit passes for greedy eval with --eval_n_samples_per_prompt 1
     gen._dispatch_prompts_to_vllm(["p0", "p1"], ["1", "2"], temperature=0.0, n_samples_per_prompt=1)
     gen._dispatch_prompts_to_vllm(["p2"], ["3"], temperature=1.0)  # training keeps its own count
-    assert calls == ([8, 8, 8] if variant == "pristine" else [1, 1, 8])
+    counts = [n for n, _ in calls]
+    assert counts == ([8, 8, 8] if variant == "pristine" else [1, 1, 8])
+    assert [t for _, t in calls] == [0.0, 0.0, 1.0]  # the eval temperature reaches vLLM
 
 
 def eval_samples(em, groups, n):
