@@ -111,7 +111,28 @@ def load_run(metrics_dir: Path) -> Run:
         except (KeyError, TypeError, ValueError):
             bad += 1
     spikes, _ = read_jsonl(metrics_dir / SPIKE_FILE)
-    return Run([by_step[s] for s in sorted(by_step)], spikes, bad)
+    return Run([by_step[s] for s in sorted(by_step)], current_spikes(spikes, by_step), bad)
+
+
+def current_spikes(spikes: list[dict], by_step: dict[int, dict]) -> list[dict]:
+    """Spike records of the steps the run kept.
+
+    A run resumed from a checkpoint rewrites the steps after it, and the trainer moves their old
+    step records aside, but spike_log.jsonl keeps the old run's lines: drop a spike whose step
+    has a kept record written by another run (``run_id``). Spikes without a run id, or of a step
+    with no record yet (the step in progress), stay.
+    """
+    kept = []
+    for spike in spikes:
+        try:
+            record = by_step.get(int(spike.get("global_step")))
+        except (TypeError, ValueError):
+            record = None
+        spike_run, record_run = spike.get("run_id"), (record or {}).get("run_id")
+        if spike_run is not None and record_run is not None and spike_run != record_run:
+            continue
+        kept.append(spike)
+    return kept
 
 
 def _tail(series: list[tuple[int, float]], n: int) -> list[float]:

@@ -117,6 +117,24 @@ def test_last_line_of_a_step_wins_and_torn_lines_are_skipped(tmp_path):
     assert run.records[3]["reward_mean"] == 0.99 and run.bad_lines == 1
 
 
+def test_spikes_of_steps_a_resumed_run_rewrote_are_not_reported(tmp_path):
+    """A run resumed from step 10 rewrote steps 11..: the old run's spike at 17 is not this run's."""
+    rows, spikes = synthetic_runs.records("grad_spike")
+    for row in rows:
+        row["run_id"] = "first" if row["global_step"] <= 10 else "resumed"
+    old_spike = dict(spikes[0], run_id="first")  # step 17 of the first run, before the crash
+    new_spike = dict(spikes[0], global_step=12, run_id="resumed")
+    pending = dict(spikes[0], global_step=31, run_id="resumed")  # step in progress: no record yet
+    unlabelled = dict(spikes[0], global_step=5)
+    unlabelled.pop("run_id")
+    (tmp_path / "training_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "spike_log.jsonl").write_text(
+        "".join(json.dumps(s) + "\n" for s in (old_spike, new_spike, pending, unlabelled))
+    )
+    run = run_health.load_run(tmp_path)
+    assert sorted(s["global_step"] for s in run.spikes) == [5, 12, 31]
+
+
 def test_synthetic_records_follow_the_schema():
     for kind in synthetic_runs.KINDS:
         for row in synthetic_runs.records(kind)[0]:
