@@ -240,8 +240,10 @@ def text_experience(responses):
     )
 
 
-def test_sample_rows_carry_the_reward_modules_extracted_answer(tr):
-    extract = tr.answer_extractor(str(oprl.REPO / "reward_func_em.py"))
+@pytest.mark.parametrize("as_cli_gives_it", [True, False], ids=["list", "str"])
+def test_sample_rows_carry_the_reward_modules_extracted_answer(tr, as_cli_gives_it):
+    path = str(oprl.REPO / "reward_func_em.py")
+    extract = tr.answer_extractor([path] if as_cli_gives_it else path)
     rows = tr.sample_rows([text_experience([[3, 4, 6], [5, 6]])], TextTokenizer(), 5, 16)
     assert [r["response"] for r in rows] == ["so it is \\boxed{42}.", "no idea."]
     assert [r.get("extracted_answer") for r in rows] == [None, None]  # no extractor: not guessed
@@ -252,7 +254,7 @@ def test_sample_rows_carry_the_reward_modules_extracted_answer(tr):
 
 def test_answer_extractor_is_none_without_a_python_reward_module(tr, tmp_path, monkeypatch):
     warnings = Warnings(tr, monkeypatch)
-    assert tr.answer_extractor(None) is None
+    assert tr.answer_extractor(None) is None and tr.answer_extractor([]) is None
     assert tr.answer_extractor("http://rm-host:5000/get_reward") is None  # a remote reward server
     plain = tmp_path / "plain_reward.py"
     plain.write_text("def reward_func(queries, prompts, labels):\n    return {}\n")
@@ -335,7 +337,7 @@ def test_one_trainer_step_end_to_end(patched_root, vllm_stub, monkeypatch, tmp_p
     correct = [1, 1, 1, 1, 0, 1, 0, 0]
     args, rollout = planted_rollout(em, correct, correct)
     args.save_steps = 1
-    args.remote_rm_url = str(oprl.REPO / "reward_func_em.py")  # the samples' extracted answers
+    args.remote_rm_url = [str(oprl.REPO / "reward_func_em.py")]  # as train_ppo_ray.py splits it
     actor = actor_trainer(pa, args, fk.FakeEngine(gas=2, norms=[0.5, 80.0]))
     fill_buffer(pa, actor, [], args, monkeypatch)
     group = ActorGroup(actor)
