@@ -36,7 +36,8 @@ run because the patched tree lacks the code it exercises.
 
 On the gloo path only, three CUDA calls of OpenRLHF are replaced inside this process
 (``torch.cuda.set_device``, ``torch.cuda.synchronize`` and the ``"cuda"`` device type
-of ``init_device_mesh`` in ``setup_distributed``), and import boundaries that cannot
+of ``init_device_mesh`` in ``setup_distributed``), DeepSpeed's async all-gathers are
+completed one by one (see ``install_cpu_shims``), and import boundaries that cannot
 exist without a GPU (vLLM, flash-attn's CUDA extension) get the stand-ins of
 ``tests/conftest.py`` when they are not importable. No patch is changed.
 """
@@ -290,9 +291,25 @@ def install_cpu_shims(ds_module) -> None:
     ``init_device_mesh("cuda", ...)``; ``torch_dist_barrier_and_cuda_sync`` (end of
     ``save_model``) calls ``torch.cuda.synchronize()``. On the CPU there is no device to
     select or wait for, and the mesh is built on the ``cpu`` device type over the same
-    gloo group. Nothing else is replaced.
+    gloo group. And DeepSpeed's async all-gathers are completed one by one: ZeRO-3's coalesced
+    gather launches one per parameter and waits on the last only, which CUDA stream order makes
+    safe with NCCL; gloo completes async work out of order, so an earlier parameter could be read
+    while still being gathered. The values gathered are unchanged. Nothing else is replaced.
     """
+    import deepspeed.comm as ds_comm
     import torch
+
+    def waiting(real):  # CPU-test shim: each async gather complete before it returns
+        def call(*args, **kwargs):
+            work = real(*args, **kwargs)
+            if kwargs.get("async_op") and work is not None:
+                work.wait()
+            return work
+
+        return call
+
+    ds_comm.all_gather_into_tensor = waiting(ds_comm.all_gather_into_tensor)
+    ds_comm.all_gather = waiting(ds_comm.all_gather)
 
     torch.cuda.set_device = lambda device: None  # CPU-test shim: no CUDA device to select
     torch.cuda.synchronize = lambda device=None: None  # CPU-test shim: no CUDA stream to wait for
