@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Pre-flight check of the LR schedule OpenRLHF 0.9.3 will build for a GRPO run.
 #
-#   POOL=$(wc -l < data/sft_rl_pool_400.jsonl) NS=8 TBS=16 EP=1 WARMUP=0.05 LR=5e-7 bash preflight_lr.sh
+#   EP=40 LR=1e-6 bash preflight_lr.sh      # the 20b run with other settings
 #   bash preflight_lr.sh --json          # one JSON object for scripts
 #   bash preflight_lr.sh --help          # every input, its variable and its default
 #

@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Environment: POOL NS TBS EP WARMUP LR RBS MAX_EPOCHS MAX_SAMPLES (same meaning as the options; "
             "an option wins over its variable). "
-            "Example: POOL=$(wc -l < data/sft_rl_pool_400.jsonl) NS=8 TBS=16 EP=1 WARMUP=0.05 LR=5e-7 "
+            "Example: EP=40 LR=1e-6 "
             "bash preflight_lr.sh"
         ),
     )
