@@ -70,6 +70,30 @@ def flash_attn_kernels_stub():
         yield
 
 
+def complete_async_gathers() -> None:
+    """Make DeepSpeed's async all-gathers complete before they return (CPU, gloo runs only).
+
+    ZeRO-3's coalesced gather (``_allgather_params_coalesced``) launches one async all-gather per
+    parameter and waits on the last handle only: with NCCL they run in order on one CUDA stream,
+    so the last one finishing means all have. gloo completes async work out of order, so an
+    earlier parameter could be read while still being gathered. Waiting on each gather gives gloo
+    the ordering DeepSpeed assumes; the values gathered are unchanged.
+    """
+    import deepspeed.comm as ds_comm
+
+    def waiting(real):
+        def call(*args, **kwargs):
+            work = real(*args, **kwargs)
+            if kwargs.get("async_op") and work is not None:
+                work.wait()
+            return work
+
+        return call
+
+    ds_comm.all_gather_into_tensor = waiting(ds_comm.all_gather_into_tensor)
+    ds_comm.all_gather = waiting(ds_comm.all_gather)
+
+
 class SamplingParams:
     """Keyword-only record of vLLM's sampling parameters (the fields OpenRLHF sets)."""
 

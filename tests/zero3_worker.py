@@ -6,7 +6,7 @@ Builds the tiny LoRA engine of ``ROOT`` (an openrlhf tree) through the strategy'
 and calls the real ``DeepspeedStrategy.save_model`` into OUT_DIR on every rank, as OpenRLHF does.
 Rank 0 also writes the adapter weights it started from to OUT_DIR/../expected.pt. Same stand-ins
 as the tests: flash-attn's CUDA extension, and ``torch.cuda.synchronize`` as a no-op on CPU; and
-DeepSpeed's async all-gathers are completed one by one (see ``_complete_async_gathers``).
+DeepSpeed's async all-gathers are completed one by one (``conftest.complete_async_gathers``).
 """
 
 from __future__ import annotations
@@ -14,31 +14,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-
-
-def _complete_async_gathers() -> None:
-    """Make DeepSpeed's async all-gathers complete before they return, as CUDA stream order does.
-
-    ZeRO-3's coalesced gather (``_allgather_params_coalesced``) launches one async all-gather per
-    parameter and waits on the last handle only: with NCCL every gather runs in order on one CUDA
-    stream, so the last one finishing means all have. gloo runs async work on several threads, so on
-    CPU an earlier gather can still be in flight when the last one is done, and its parameter is read
-    half-written. Waiting on each gather here gives gloo the ordering DeepSpeed assumes; the values
-    gathered are unchanged.
-    """
-    import deepspeed.comm as ds_comm
-
-    def waiting(real):
-        def call(*args, **kwargs):
-            work = real(*args, **kwargs)
-            if kwargs.get("async_op") and work is not None:
-                work.wait()
-            return work
-
-        return call
-
-    ds_comm.all_gather_into_tensor = waiting(ds_comm.all_gather_into_tensor)
-    ds_comm.all_gather = waiting(ds_comm.all_gather)
 
 
 def main(root: Path, out: Path, rank: int, world_size: int, port: int) -> None:
@@ -53,7 +28,7 @@ def main(root: Path, out: Path, rank: int, world_size: int, port: int) -> None:
     import torch
 
     torch.cuda.synchronize = lambda *args, **kwargs: None
-    _complete_async_gathers()
+    conftest.complete_async_gathers()
     deepspeed.init_distributed(dist_backend="gloo")
     from test_patch_offload_save import build_engine, tiny_tokenizer
 

@@ -296,20 +296,10 @@ def install_cpu_shims(ds_module) -> None:
     safe with NCCL; gloo completes async work out of order, so an earlier parameter could be read
     while still being gathered. The values gathered are unchanged. Nothing else is replaced.
     """
-    import deepspeed.comm as ds_comm
+    import conftest
     import torch
 
-    def waiting(real):  # CPU-test shim: each async gather complete before it returns
-        def call(*args, **kwargs):
-            work = real(*args, **kwargs)
-            if kwargs.get("async_op") and work is not None:
-                work.wait()
-            return work
-
-        return call
-
-    ds_comm.all_gather_into_tensor = waiting(ds_comm.all_gather_into_tensor)
-    ds_comm.all_gather = waiting(ds_comm.all_gather)
+    conftest.complete_async_gathers()  # CPU-test shim: each async gather complete before it returns
 
     torch.cuda.set_device = lambda device: None  # CPU-test shim: no CUDA device to select
     torch.cuda.synchronize = lambda device=None: None  # CPU-test shim: no CUDA stream to wait for
