@@ -314,3 +314,42 @@ def test_install_from_env_installs_what_the_setting_names():
     assert model.config._attn_implementation == "eager"
     fast_gptoss.uninstall(model)
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+# the actor's hook (patches/actor.patch) -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16_ckpt(tmp_path_factory):
+    from tiny_gptoss import build_tiny_gptoss
+
+    return build_tiny_gptoss(tmp_path_factory.mktemp("fast-gptoss") / "ckpt", mxfp4=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("value, experts, attention", [
+    (None, False, False), ("0", False, False), ("1", True, True), ("experts", True, False),
+])
+def test_patched_actor_installs_the_fast_paths_only_when_asked(
+    patched_root, tiny_bf16_ckpt, monkeypatch, value, experts, attention
+):
+    """The real patched ``Actor`` (LoRA on q/k/v/o) with ``RFT_FAST_GPTOSS`` unset, 0, 1 and ``experts``;
+    the hook runs before LoRA wraps the model, and nothing else of the load changes."""
+    import oprl
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    if value is None:
+        monkeypatch.delenv(fast_gptoss.SETTING, raising=False)
+    else:
+        monkeypatch.setenv(fast_gptoss.SETTING, value)
+    actor_mod = oprl.load(patched_root, "openrlhf.models.actor")
+    actor = actor_mod.Actor(str(tiny_bf16_ckpt.path), attn_implementation="eager", param_dtype="bf16",
+                            lora_rank=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    experts_modules = [m for m in actor.model.modules() if isinstance(m, GptOssExperts)]
+    assert len(experts_modules) == TINY_CONFIG["num_hidden_layers"]
+    assert all(("forward" in m.__dict__) == experts for m in experts_modules)
+    expected = fast_gptoss.FAST_ATTN_IMPLEMENTATION if attention else "eager"
+    assert actor.model.config._attn_implementation == expected
+    # the model, not Actor.forward: its log-probs go through flash-attn's Triton cross entropy, GPU only
+    ids = torch.randint(2, TINY_CONFIG["vocab_size"], (1, 24))
+    assert actor.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.isfinite().all()
