@@ -21,9 +21,14 @@ import oprl
 GENERATE_KWARGS = {"prompt_max_len": 16, "max_new_tokens": 16}
 
 
-def xfail_pristine(reason: str) -> list:
-    """("pristine", "patched"), where the pristine run must fail (strict: an unexpected pass fails)."""
-    return [pytest.param("pristine", marks=pytest.mark.xfail(strict=True, reason=reason)), "patched"]
+def pristine_fails(reason: str, raises: type[BaseException]):
+    """The mark of a pristine case that must fail with ``raises`` (strict: an unexpected pass fails)."""
+    return pytest.mark.xfail(strict=True, reason=reason, raises=raises)
+
+
+def xfail_pristine(reason: str, raises: type[BaseException]) -> list:
+    """("pristine", "patched"), where the pristine run must fail with ``raises``."""
+    return [pytest.param("pristine", marks=pristine_fails(reason, raises)), "patched"]
 
 
 def response(reward=0.5, scores="same", extra_logs=None, n_prompt: int = 4, n_action: int = 5) -> dict:
@@ -70,7 +75,7 @@ def test_numeric_extra_logs_and_rewards_unchanged(tree):
     assert exp.info["response_length"].tolist() == [5]
 
 
-@pytest.mark.parametrize("tree", xfail_pristine("0.9.3 calls torch.tensor() on a string"), indirect=True)
+@pytest.mark.parametrize("tree", xfail_pristine("0.9.3 calls torch.tensor() on a string", ValueError), indirect=True)
 def test_string_extra_log_is_dropped_with_one_warning(tree, caplog):
     module, gen = generator(tree)
     logs = {
@@ -95,7 +100,9 @@ def test_string_extra_log_is_dropped_with_one_warning(tree, caplog):
     assert len(warned) == 1 and "str" in warned[0]
 
 
-@pytest.mark.parametrize("tree", xfail_pristine("an extra_logs key overwrites 0.9.3's own info"), indirect=True)
+@pytest.mark.parametrize(
+    "tree", xfail_pristine("an extra_logs key overwrites 0.9.3's own info", AssertionError), indirect=True
+)
 def test_extra_logs_cannot_overwrite_system_keys(tree):
     _, gen = generator(tree)
     exp = experiences(gen, [response(0.5, extra_logs={"response_length": 999.0, "reward": 7.0})])[0]
@@ -103,26 +110,51 @@ def test_extra_logs_cannot_overwrite_system_keys(tree):
     assert exp.info["reward"].tolist() == [0.5]
 
 
-@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), "oops", torch.tensor([1.0, 2.0])])
-@pytest.mark.parametrize("tree", xfail_pristine("0.9.3 cannot batch a missing or broken reward"), indirect=True)
+# A broken reward, and how pristine 0.9.3 fails on it (each pristine case fails for its own reason).
+BROKEN_REWARDS = [
+    # the reward function raised: utils/agent.py leaves reward=None; 0.9.3 keeps rewards=None for the
+    # sample, and Experience._merge_item pads [tensor, None, tensor] (None.size)
+    ("None", None, "0.9.3 cannot batch a missing reward", AttributeError),
+    # NaN and inf are numbers to torch.tensor(): 0.9.3 batches them into the advantages as they are
+    ("nan", float("nan"), "0.9.3 passes a NaN reward on to the batch", AssertionError),
+    ("inf", float("inf"), "0.9.3 passes an inf reward on to the batch", AssertionError),
+    # not one number: torch.tensor([value]) raises while the sample is made
+    ("oops", "oops", "0.9.3 calls torch.tensor() on a string reward", ValueError),
+    ("tensor2", torch.tensor([1.0, 2.0]), "0.9.3 calls torch.tensor() on a two-element tensor", ValueError),
+]
+
+
+@pytest.mark.parametrize(
+    ("tree", "bad"),
+    [
+        param
+        for name, bad, reason, raises in BROKEN_REWARDS
+        for param in (
+            pytest.param("pristine", bad, marks=pristine_fails(reason, raises), id=f"pristine-{name}"),
+            pytest.param("patched", bad, id=f"patched-{name}"),
+        )
+    ],
+    indirect=["tree"],
+)
 def test_broken_reward_is_zero_and_counted(tree, bad):
     """A reward function that raised (reward=None upstream) or returned garbage: 0.0, counted, batchable."""
     module, gen = generator(tree)
     failed = dict(response(), reward=bad, scores=None if bad is None else bad, extra_logs={})
-    batch = experiences(gen, [failed, response(1.0), response(0.0)])
-    assert batch[0].rewards.tolist() == [0.0] and batch[0].scores.tolist() == [0.0]
-    assert batch[0].info["reward"].tolist() == [0.0] and batch[0].info["score"].tolist() == [0.0]
-    assert [e.info["reward_failures"].item() for e in batch] == [1.0, 0.0, 0.0]
-    merged = module.Experience.concat_experiences(batch, pad_token_id=0)
-    assert merged.rewards.tolist() == [0.0, 1.0, 0.0]
-    assert merged.info["reward_failures"].sum().item() == 1.0
+    batch = experiences(gen, [response(1.0), failed, response(0.0)])
+    merged = module.Experience.concat_experiences(batch, pad_token_id=0)  # batchable first
+    assert merged.rewards.tolist() == [1.0, 0.0, 0.0] and merged.scores.tolist() == [1.0, 0.0, 0.0]
+    assert merged.info["reward_failures"].tolist() == [0.0, 1.0, 0.0]
+    assert batch[1].info["reward"].tolist() == [0.0] and batch[1].info["score"].tolist() == [0.0]
 
 
-@pytest.mark.parametrize("tree", xfail_pristine("0.9.3 cannot batch a missing score"), indirect=True)
+@pytest.mark.parametrize(
+    "tree", xfail_pristine("0.9.3 keeps a NaN score and counts no failure", AssertionError), indirect=True
+)
 def test_nan_score_with_valid_reward_counts_as_failure(tree):
     _, gen = generator(tree)
     exp = experiences(gen, [response(1.0, scores=float("nan"))])[0]
-    assert exp.rewards.tolist() == [1.0] and exp.scores.tolist() == [0.0]
+    assert exp.rewards.tolist() == [1.0]  # the reward itself is kept (pristine too)
+    assert exp.scores.tolist() == [0.0]
     assert exp.info["reward_failures"].item() == 1.0
 
 
@@ -135,32 +167,57 @@ def test_reward_model_runs_keep_none(tree):
     assert "reward" not in exp.info and "reward_failures" not in exp.info
 
 
-@pytest.mark.parametrize("tree", xfail_pristine("0.9.3 batches samples with different info keys"), indirect=True)
-def test_batch_carries_the_same_info_keys(tree, monkeypatch):
-    """The real _generate_vllm collects rollouts; the replay buffer must split the batch afterwards.
+def generate_and_split(tree, monkeypatch, rollouts: list[dict]) -> tuple[list, list]:
+    """The real _generate_vllm collects ``rollouts``; the replay buffer then splits the batch.
 
     The engines and ray.wait/ray.get are replaced by in-process stand-ins returning responses
-    (vLLM's side of the boundary); everything in experience_maker runs as shipped.
+    (vLLM's side of the boundary); everything in experience_maker and replay_buffer runs as shipped.
     """
     module, gen = generator(tree)
-    rollouts = [
-        [response(1.0, extra_logs={"acc": 1.0, "pred": "42"})],
-        [response(None, scores=None)],  # the reward function raised: extra_logs={}
-        [response(0.0, extra_logs={"acc": 0.0, "pred": "41"})],
-    ]
     monkeypatch.setattr(gen, "_dispatch_prompts_to_vllm", lambda prompts, labels, **kw: list(range(len(prompts))))
     monkeypatch.setattr(module.ray, "wait", lambda refs, num_returns, timeout: (refs[:1], refs[1:]))
-    monkeypatch.setattr(module.ray, "get", lambda ref: rollouts[ref])
-    prompts = iter([(None, ["p0", "p1", "p2"], ["42", "42", "42"])])
-    batch, consumed, exhausted = gen._generate_vllm(prompts, num_prompts=3, dynamic_filtering=False, **GENERATE_KWARGS)
-    assert consumed == 3 and not exhausted and len(batch) == 3
-    assert len({frozenset(e.info) for e in batch}) == 1
-    assert [e.info["acc"].item() for e in batch] == [1.0, 0.0, 0.0]
-
+    monkeypatch.setattr(module.ray, "get", lambda ref: [rollouts[ref]])
+    prompts = iter([(None, [f"p{i}" for i in range(len(rollouts))], ["42"] * len(rollouts))])
+    batch, consumed, exhausted = gen._generate_vllm(
+        prompts, num_prompts=len(rollouts), dynamic_filtering=False, **GENERATE_KWARGS
+    )
+    assert consumed == len(rollouts) and not exhausted and len(batch) == len(rollouts)
     replay_buffer = oprl.load(tree, "openrlhf.trainer.ppo_utils.replay_buffer")
     merged = module.Experience.concat_experiences(batch, pad_token_id=0)
-    items = replay_buffer.split_experience_batch(merged)
+    return batch, replay_buffer.split_experience_batch(merged)
+
+
+@pytest.mark.parametrize(
+    "tree",
+    # split_experience_batch: "Size of info[acc] (2) does not match batch_size (3)"
+    xfail_pristine("0.9.3 batches samples with different info keys", ValueError),
+    indirect=True,
+)
+def test_batch_carries_the_same_info_keys(tree, monkeypatch):
+    """A reward function that logs a key for some samples only: every sample carries it (0.0 where absent)."""
+    batch, items = generate_and_split(tree, monkeypatch, [
+        response(1.0, extra_logs={"acc": 1.0}),
+        response(0.5),  # extra_logs={}: no "acc" for this sample
+        response(0.0, extra_logs={"acc": 0.0}),
+    ])
     assert len(items) == 3
+    assert len({frozenset(e.info) for e in batch}) == 1
+    assert [e.info["acc"].item() for e in batch] == [1.0, 0.0, 0.0]
+    assert [item.info["acc"].item() for item in items] == [1.0, 0.0, 0.0]
+
+
+def test_a_failed_reward_among_string_logs_still_splits(patched_root, vllm_stub, monkeypatch):
+    """Both failures at once through _generate_vllm: string extra_logs and a reward function that raised."""
+    batch, items = generate_and_split(patched_root, monkeypatch, [
+        response(1.0, extra_logs={"acc": 1.0, "pred": "42"}),
+        response(None, scores=None),  # the reward function raised: extra_logs={}
+        response(0.0, extra_logs={"acc": 0.0, "pred": "41"}),
+    ])
+    assert len(items) == 3 and len({frozenset(e.info) for e in batch}) == 1 and "pred" not in batch[0].info
+    assert [item.info["acc"].item() for item in items] == [1.0, 0.0, 0.0]
+    assert [item.info["reward_failures"].item() for item in items] == [0.0, 1.0, 0.0]
+    assert [item.info["reward"].item() for item in items] == [1.0, 0.0, 0.0]
+    assert [e.rewards.item() for e in batch] == [1.0, 0.0, 0.0]
 
 
 def test_canary_pristine_hooks():

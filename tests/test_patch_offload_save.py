@@ -27,12 +27,13 @@ from parser_util import build_train_parser, parse_train_args
 BASE_ARGV = ["--pretrain", "org/model", "--remote_rm_url", "reward.py", "--zero_stage", "3"]
 
 
-def xfail_pristine(reason: str) -> list:
-    """("pristine", "patched"), where the pristine run must fail (strict: an unexpected pass fails)."""
-    return [pytest.param("pristine", marks=pytest.mark.xfail(strict=True, reason=reason)), "patched"]
+def xfail_pristine(reason: str, raises: type[BaseException]) -> list:
+    """("pristine", "patched"), where the pristine run must fail with ``raises`` (strict: an unexpected
+    pass fails, and so does a failure of another type)."""
+    return [pytest.param("pristine", marks=pytest.mark.xfail(strict=True, reason=reason, raises=raises)), "patched"]
 
 
-@pytest.mark.parametrize("root_name", xfail_pristine("0.9.3 has no --offload flag"))
+@pytest.mark.parametrize("root_name", xfail_pristine("0.9.3 has no --offload flag", SystemExit))
 def test_cli_accepts_offload(request, root_name):
     root = request.getfixturevalue(f"{root_name}_root")
     assert parse_train_args(root, BASE_ARGV + ["--offload"]).offload is True
@@ -70,7 +71,9 @@ def test_canary_pristine_cli_hooks():
 # ---------------------------------------------------------------- --offload reaches DeepSpeed
 
 
-@pytest.mark.parametrize("root_name", xfail_pristine("0.9.3 hard-codes offload=False in the train config"))
+@pytest.mark.parametrize(
+    "root_name", xfail_pristine("0.9.3 hard-codes offload=False in the train config", AssertionError)
+)
 def test_offload_reaches_the_actor_zero3_config(request, root_name):
     root = request.getfixturevalue(f"{root_name}_root")
     args = parse_train_args(root, BASE_ARGV)
@@ -306,7 +309,9 @@ def frozen_fragments(ckpt_dir) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("root_name", xfail_pristine("0.9.3 stores every frozen base weight in DeepSpeed checkpoints"))
+@pytest.mark.parametrize(
+    "root_name", xfail_pristine("0.9.3 stores every frozen base weight in DeepSpeed checkpoints", AssertionError)
+)
 def test_lora_ds_checkpoint_without_frozen_weights_round_trips(request, root_name, gloo_group, no_cuda_sync, tmp_path):
     root = request.getfixturevalue(f"{root_name}_root")
     _, strategy, actor, expected = build_engine(root)
