@@ -8,8 +8,11 @@ tests/fixtures/metrics_fakes.py for what is planted), and checks all four files.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -44,13 +47,17 @@ def test_unwritable_directory_warns_once_and_goes_on(tr, tmp_path, monkeypatch):
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("")
     warnings = Warnings(tr, monkeypatch)
-    writer = tr.RunLogWriter(metrics_dir=str(blocker / "metrics"), samples_dir=str(blocker / "samples"))
+    metrics_dir, samples_dir = blocker / "metrics", blocker / "samples"
+    writer = tr.RunLogWriter(metrics_dir=str(metrics_dir), samples_dir=str(samples_dir))
     for step in (1, 2, 3):
         writer.write_step({"global_step": step, "timestamp": 0.0, "reward_mean": 0.5})
     writer.write_samples(3, [{"prompt": "p"}])
     writer.write_spikes(3, [{"grad_norm": 99.0, "prompt_hashes": []}], {})
-    assert len([m for m in warnings.messages if "metrics" in m]) == 1
-    assert len([m for m in warnings.messages if "samples" in m]) == 1
+
+    def about(folder):  # the warnings naming a file in ``folder`` (whatever words the temporary path holds)
+        return [m for m in warnings.messages if f"cannot write {folder}{os.sep}" in m]
+
+    assert len(about(metrics_dir)) == 1 and len(about(samples_dir)) == 1 and len(warnings.messages) == 2
     assert all("training goes on" in m for m in warnings.messages)
 
 
@@ -291,10 +298,14 @@ SYNC_RESULT = {
 
 
 class ActorGroup:
-    """Stand-in for the Ray actor group of policy ranks; one rank runs the real patched trainer."""
+    """Stand-in for the Ray actor group of policy ranks; one rank runs the real patched trainer.
 
-    def __init__(self, actor_trainer):
+    ``sync_sleep``: seconds the weight sync takes (a known duration for the trainer to measure).
+    """
+
+    def __init__(self, actor_trainer, sync_sleep: float = 0.0):
         self.trainer = actor_trainer
+        self.sync_sleep = sync_sleep
         self.calls: list[str] = []
 
     def async_run_method_batch(self, method_name, **kwargs):
@@ -314,10 +325,23 @@ class ActorGroup:
             self.trainer.replay_buffer.clear()
             return [status]
         if method_name == "broadcast_to_vllm":
+            time.sleep(self.sync_sleep)
             return [SYNC_RESULT]  # the weight-sync patch's dict of floats (identical on every rank)
         if method_name == "save_checkpoint":
             return [None]
         raise AssertionError(method_name)
+
+
+class AnswerTokenizer(fk.FakeTokenizer):
+    """FakeTokenizer, except that token 10 decodes to a boxed answer (the sample rows extract it)."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join("\\boxed{42}" if int(t) == 10 else fk.FakeTokenizer.decode(self, [t]) for t in ids)
+
+
+def prompt_hash(ids: list[int]) -> str:
+    """A prompt hash by its definition: SHA-1 of the ids as little-endian int64, first 16 hex digits."""
+    return hashlib.sha1(np.array(ids, dtype="<i8").tobytes()).hexdigest()[:16]
 
 
 def test_one_trainer_step_end_to_end(patched_root, vllm_stub, monkeypatch, tmp_path):
@@ -340,10 +364,13 @@ def test_one_trainer_step_end_to_end(patched_root, vllm_stub, monkeypatch, tmp_p
     args.remote_rm_url = [str(oprl.REPO / "reward_func_em.py")]  # as train_ppo_ray.py splits it
     actor = actor_trainer(pa, args, fk.FakeEngine(gas=2, norms=[0.5, 80.0]))
     fill_buffer(pa, actor, [], args, monkeypatch)
-    group = ActorGroup(actor)
-    trainer = tr.BasePPOTrainer(fk.FakeStrategy(args), group, None, None, None, [object()], fk.FakeTokenizer())
+    sync_sleep = 0.2
+    group = ActorGroup(actor, sync_sleep=sync_sleep)
+    trainer = tr.BasePPOTrainer(fk.FakeStrategy(args), group, None, None, None, [object()], AnswerTokenizer())
 
+    started = time.monotonic()
     status, step = trainer.train_step(rollout, 0)
+    step_wall = time.monotonic() - started
     # an eval step, as PPOTrainer.fit runs it before the step's logs (greedy, n=1)
     trainer.eval_dataloader = [(["probe"] * 3, ["q0", "q1", "q2"], ["7"] * 3)]
     eval_out = eval_samples(em, [[1], [0], [1]], 1)
@@ -366,7 +393,10 @@ def test_one_trainer_step_end_to_end(patched_root, vllm_stub, monkeypatch, tmp_p
     assert record["frac_reward_zero_std"] == pytest.approx(0.5)
     assert record["pass_at_1"] == pytest.approx((1 + 0.25) / 2) and record["pass_at_all"] == 1.0
     assert record["grad_norm_max"] == 80.0 and record["optimizer_steps"] == 2
-    assert all(record[k] == v for k, v in SYNC_RESULT.items()) and record["weight_sync_seconds"] >= 0
+    assert all(record[k] == v for k, v in SYNC_RESULT.items())
+    # the sync phase took the planted sleep, within the whole step's time
+    assert sync_sleep <= record["weight_sync_seconds"] <= step_wall
+    assert record["training_seconds"] + record["weight_sync_seconds"] <= step_wall
     assert record["eval/probe/greedy_pass@1"] == pytest.approx(2 / 3) and record["eval/temperature"] == 0.0
     assert "parse_method" not in record and record["parse_method_boxed"] == 1.0
     for key in ("entropy_p10", "advantage_std", "log_ratio_max", "lr", "policy_loss", "training_seconds"):
@@ -378,19 +408,15 @@ def test_one_trainer_step_end_to_end(patched_root, vllm_stub, monkeypatch, tmp_p
     # 3. samples_step1.jsonl
     rows = [json.loads(x) for x in (samples_dir / "samples_step1.jsonl").read_text().splitlines()]
     assert len(rows) == 8
-    first = rollout[0]
-    expected_response = fk.FakeTokenizer().decode(first.sequences[0, 3:].tolist())
-    assert rows[0]["response"] == expected_response and rows[0]["prompt"] == "p0" and rows[0]["label"] == "42"
+    # planted_rollout: sample i has prompt ids [5 + i // 4, 6, 7] and response ids
+    # 10 + (3i + j) % 13 for j < 2 + i % 3; token 10 decodes to "\\boxed{42}", any other t to chr(97 + t % 26)
+    assert [r["response"] for r in rows] == [
+        "\\boxed{42}l", "nop", "qrst", "tu", "w\\boxed{42}l", "mnop", "pq", "stu"
+    ]
+    assert [r["prompt"] for r in rows] == ["p0"] * 4 + ["p1"] * 4 and {r["label"] for r in rows} == {"42"}
     assert rows[0]["correctness"] == 1.0 and rows[0]["parse_method"] == "boxed"
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("reward_for_test", oprl.REPO / "reward_func_em.py")
-    reward_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reward_module)
-    for row in rows:
-        want, _ = reward_module.extract_answer(reward_module.extract_final_text(row["response"]))
-        assert row["extracted_answer"] == want
-    assert rows[0]["prompt_hash"] == em.prompt_token_hash(first.sequences[0], first.action_mask[0])
+    assert [r["extracted_answer"] for r in rows] == ["42", None, None, None, "42", None, None, None]
+    assert [r["prompt_hash"] for r in rows] == [prompt_hash([5, 6, 7])] * 4 + [prompt_hash([6, 6, 7])] * 4
     # 4. spike_log.jsonl: the optimizer step with grad norm 80 > 50
     spikes = [json.loads(x) for x in (metrics / "spike_log.jsonl").read_text().splitlines()]
     assert len(spikes) == 1 and spikes[0]["grad_norm"] == 80.0 and spikes[0]["global_step"] == 1
@@ -428,13 +454,16 @@ def test_fit_evaluates_before_writing_the_step_record(patched_root, vllm_stub, m
     group = ActorGroup(actor)
     order: list[str] = []
     batches = iter([(rollout, None, 2, False), ([], None, 0, True)])
+    generation_sleep, eval_sleep = 0.2, 0.3  # known durations of the two phases fit times (each call)
 
     def generate_samples(**kw):
         order.append("generate")
+        time.sleep(generation_sleep)
         return next(batches)
 
     def generate_eval_samples(**kw):
         order.append(f"eval n={kw['n_samples_per_prompt']} T={kw['temperature']}")
+        time.sleep(eval_sleep)
         return eval_samples(em, [[1], [1], [0], [1]], 1)
 
     cls = tr.PPOTrainer.__ray_metadata__.modified_class
@@ -446,10 +475,15 @@ def test_fit_evaluates_before_writing_the_step_record(patched_root, vllm_stub, m
     trainer.generate_kwargs = {"temperature": 1.0}
     group.calls = order  # one timeline of generation, actor-group calls and eval
 
+    started = time.monotonic()
     trainer.fit()
+    fit_wall = time.monotonic() - started
 
     assert order == ["generate", "forward", "append", "fit", "broadcast_to_vllm", "eval n=1 T=0.0", "save_checkpoint", "generate"]
     record = json.loads((tmp_path / "training_metrics.jsonl").read_text())
-    assert record["eval/ood/greedy_pass@1"] == 0.75 and record["eval/seconds"] >= 0
-    assert record["generation_seconds"] >= 0 and record["global_step"] == 1
+    assert record["eval/ood/greedy_pass@1"] == 0.75 and record["global_step"] == 1
+    # each phase took its sleep and none of the others: fit's wall time holds the eval's sleep and
+    # two generations' (the second finds the prompts exhausted)
+    assert eval_sleep <= record["eval/seconds"] <= fit_wall - 2 * generation_sleep
+    assert generation_sleep <= record["generation_seconds"] <= fit_wall - generation_sleep - eval_sleep
     assert metrics_schema.unknown_keys(record) == []
