@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# rft's GPU lane: the tests marked `gpu` (tests/gpu/), on one CUDA GPU, against the
-# patched OpenRLHF 0.9.3, then the bounds of tests/gpu/metric_bounds.txt on the
-# metrics the step wrote. CI has no GPU; run this on a GPU node.
+# rft's GPU lane: the tests marked `gpu` (tests/gpu/, and the LoRA sync's merge at
+# gpt-oss shapes in tests/test_lora_sync.py), on one CUDA GPU, against the patched
+# OpenRLHF 0.9.3, then the bounds of tests/gpu/metric_bounds.txt on the metrics the
+# step wrote. CI has no GPU; run this on a GPU node.
 #
 #   bash tests/gpu/run_gpu_lane.sh                    # in the training env (setup_node.sh)
 #   WHEELS=/path/to/wheels bash tests/gpu/run_gpu_lane.sh   # offline: the pinned stack from wheels
@@ -102,8 +103,10 @@ for key, value in versions.items():
 PY
 
 cd "$ROOT"
+# every file that holds tests marked gpu
+GPU_TESTS=(tests/gpu tests/test_lora_sync.py)
 status=0
-RFT_GPU_OUT="$OUT_DIR" "$PYTHON" -m pytest tests/gpu -m gpu -v -rfEs -s -o log_level=WARNING -p no:cacheprovider "$@" \
+RFT_GPU_OUT="$OUT_DIR" "$PYTHON" -m pytest "${GPU_TESTS[@]}" -m gpu -v -rfEs -s -o log_level=WARNING -p no:cacheprovider "$@" \
   2>&1 | tee "$OUT_DIR/pytest.log" || status=$?
 
 if [[ -f "$OUT_DIR/step_metrics.jsonl" ]]; then
