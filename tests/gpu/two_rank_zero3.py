@@ -37,8 +37,9 @@ run because the patched tree lacks the code it exercises.
 On the gloo path only, three CUDA calls of OpenRLHF are replaced inside this process
 (``torch.cuda.set_device``, ``torch.cuda.synchronize`` and the ``"cuda"`` device type
 of ``init_device_mesh`` in ``setup_distributed``), DeepSpeed's async all-gathers are
-completed one by one (see ``install_cpu_shims``), and import boundaries that cannot
-exist without a GPU (vLLM, flash-attn's CUDA extension) get the stand-ins of
+completed one by one, and flash-attn's Triton cross-entropy kernel is made unimportable,
+so that OpenRLHF takes its own fallback (see ``install_cpu_shims``); and import boundaries
+that cannot exist without a GPU (vLLM, flash-attn's CUDA extension) get the stand-ins of
 ``tests/conftest.py`` when they are not importable. No patch is changed.
 """
 
@@ -284,7 +285,7 @@ def install_import_stand_ins() -> list[str]:
     return installed
 
 
-def install_cpu_shims(ds_module) -> None:
+def install_cpu_shims(ds_module) -> list[str]:
     """CPU-test shims (gloo backend only): the CUDA calls OpenRLHF makes outside any patch.
 
     ``DeepspeedStrategy.setup_distributed`` calls ``torch.cuda.set_device(local_rank)`` and
@@ -294,12 +295,17 @@ def install_cpu_shims(ds_module) -> None:
     gloo group. And DeepSpeed's async all-gathers are completed one by one: ZeRO-3's coalesced
     gather launches one per parameter and waits on the last only, which CUDA stream order makes
     safe with NCCL; gloo completes async work out of order, so an earlier parameter could be read
-    while still being gathered. The values gathered are unchanged. Nothing else is replaced.
+    while still being gathered. The values gathered are unchanged. And ``log_probs_from_logits``
+    (``openrlhf/models/utils.py``) imports flash-attn's Triton cross-entropy, a CUDA kernel, where
+    Triton is installed (torch's wheel brings it): that import is made to raise ImportError, and
+    OpenRLHF falls back to its own gather minus logsumexp, the same log-probs. Nothing else is
+    replaced. Returns the modules stood in for.
     """
     import conftest
     import torch
 
     conftest.complete_async_gathers()  # CPU-test shim: each async gather complete before it returns
+    sys.modules["flash_attn.ops.triton.cross_entropy"] = None  # CPU-test shim: import raises ImportError
 
     torch.cuda.set_device = lambda device: None  # CPU-test shim: no CUDA device to select
     torch.cuda.synchronize = lambda device=None: None  # CPU-test shim: no CUDA stream to wait for
@@ -309,6 +315,7 @@ def install_cpu_shims(ds_module) -> None:
         return real_mesh("cpu" if device_type == "cuda" else device_type, *args, **kwargs)
 
     ds_module.init_device_mesh = cpu_device_mesh
+    return ["flash_attn.ops.triton.cross_entropy"]
 
 
 def patched_tree(args: argparse.Namespace, work: Path) -> tuple[Path, list[str]]:
@@ -685,7 +692,7 @@ def run(args: argparse.Namespace, rank: int, world_size: int, work: Path) -> int
     ckpt = build_tiny_gptoss(work / "tiny-gptoss-mxfp4", mxfp4=True, seed=0)
 
     if not on_gpu:
-        install_cpu_shims(mods["ds"])
+        stand_ins += install_cpu_shims(mods["ds"])
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False,
                                    timeout=timedelta(minutes=args.timeout_min))
     ctx = Ctx(args=args, rank=rank, world_size=world_size, on_gpu=on_gpu, mods=mods)
