@@ -56,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank on q/k/v/o (default 8)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="as the launchers: --gradient_checkpointing --gradient_checkpointing_use_reentrant")
+    parser.add_argument("--fast", action="store_true",
+                        help="set RFT_FAST_GPTOSS=1: the patched actor installs rft/fast_gptoss.py's routed experts "
+                             "and sink-aware flex attention after loading")
+    parser.add_argument("--logprob-reps", type=int, default=3,
+                        help="timed log-prob forwards (eval mode, no grad) after the first (default 3)")
     parser.add_argument("--workdir", type=Path, help="where the checkpoint is written (default: a temp dir)")
     parser.add_argument("--openrlhf-root", type=Path, help="directory holding a patched openrlhf package")
     parser.add_argument("--json-out", type=Path, help="write the figures here as JSON (and a PNG beside it)")
@@ -142,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint: {n_params / 1e9:.2f} B parameters, {ckpt_gib:.2f} GiB on disk (built in {build_s:.0f} s)")
 
     single_rank_env()
+    if args.fast:
+        sys.path.insert(0, str(REPO))  # the actor's hook imports rft.fast_gptoss
+        os.environ["RFT_FAST_GPTOSS"] = "1"
     strat_args = argparse.Namespace(param_dtype="bf16", local_rank=-1, zero_stage=3, adam_offload=False,
                                     offload=False, ds_tensor_parallel_size=1)
     strategy = ds_mod.DeepspeedStrategy(seed=42, max_norm=1.0, micro_train_batch_size=args.batch,
@@ -155,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                             lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=LORA_TARGETS,
                             ds_config=strategy.get_ds_train_config(is_actor=True))
     load_s = time.perf_counter() - t0
+    attn_used = actor.model.config._attn_implementation  # after the actor's hook, before DeepSpeed wraps the model
+    experts_fast = sum("forward" in m.__dict__ for m in actor.model.modules() if type(m).__name__ == "GptOssExperts")
     load_peak_gpu = torch.cuda.max_memory_allocated() / 2**30
     load_host_peak = host_peak_gib()
     if args.gradient_checkpointing:
@@ -174,6 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         actor.eval()
         old_log_probs = actor(sequences, action_mask, attention_mask)
+        logprob_times = []
+        for _ in range(args.logprob_reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            actor(sequences, action_mask, attention_mask)
+            torch.cuda.synchronize()
+            logprob_times.append(time.perf_counter() - t0)
+    if logprob_times:
+        print(f"log-prob forward: {sorted(logprob_times)[len(logprob_times) // 2]:.3f} s (median of {len(logprob_times)})")
     policy_loss = loss_mod.PolicyLoss()
     step_times, step_peaks, losses = [], [], []
     for _ in range(args.steps):
@@ -200,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         "step_time_s": step_times, "steady_step_time_s": steady, "step_peak_gpu_gib": step_peaks,
         "tokens_per_s": args.batch * args.seq / steady, "loss": losses,
         "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0),
+        "fast_gptoss": args.fast, "attn_implementation": attn_used,
+        "experts_routed_layers": experts_fast,
+        "logprob_time_s": logprob_times,
+        "steady_logprob_time_s": sorted(logprob_times)[len(logprob_times) // 2] if logprob_times else None,
     }
     print(f"steady step {steady:.3f} s = {figures['tokens_per_s']:.0f} tokens/s; "
           f"peak GPU {max(step_peaks):.2f} GiB")
