@@ -26,6 +26,8 @@ adds its per-module hooks on top (``bench/bench_actor_mxfp4.py`` measures that).
 
     python bench/bench_actor_breakdown.py --model gpt-oss-20b
     python bench/bench_actor_breakdown.py --model gpt-oss-120b --seq 4096 --response 3072 --lora-rank 64
+    python bench/bench_actor_breakdown.py --model gpt-oss-120b --seq 4096 --response 3072 --lora-rank 64 \
+        --parity-only --parity-seq 4096 --reference eager+grouped_experts
 
 Writes ``bench/results/actor_breakdown_<model>.json`` (``--json-out`` to change),
 after every measurement, so an interrupted run keeps what it measured.
@@ -441,7 +443,7 @@ def experts_few_tokens(model, device: str) -> dict:
     return result
 
 
-def active_tflop_per_layer(name: str, seq: int, lora_rank: int) -> dict:
+def active_tflop_per_layer(name: str, seq: int) -> dict:
     """Matmul work of one layer (arithmetic, stated in the output): forward, and a checkpointed
     training step = forward + recompute + backward of activations (2 x forward; frozen weights
     need no weight gradients, LoRA's are negligible)."""
@@ -502,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": gpu, "model": args.model, "seq": args.seq, "response": args.response, "lora_rank": args.lora_rank,
         "layers": [args.layers_lo, args.layers_hi], "gradient_checkpointing": "reentrant", "batch": 1,
         "torch": torch.__version__, "transformers": transformers.__version__, "settings": args.settings,
-        "work_per_layer": active_tflop_per_layer(args.model, args.seq, args.lora_rank),
+        "work_per_layer": active_tflop_per_layer(args.model, args.seq),
         "per_setting": {}, "timing": f"median of {args.reps} after {args.warmup} warm-up calls",
     }
     print(f"{args.model} width on {gpu}: seq {args.seq} ({args.response} actions), LoRA r{args.lora_rank}, "
