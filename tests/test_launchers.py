@@ -128,14 +128,15 @@ class Bed:
         lines = "".join(f"{i}, {u}\\n" for i, u in enumerate(used_mib))
         _script(self.bin / "nvidia-smi", f'printf "{lines}"\n')
 
-    def fake_ray(self, job_list_rc: int = 0) -> Path:
-        """A ray CLI that records its calls, its environment, and succeeds (job list: job_list_rc)."""
+    def fake_ray(self, job_list_rc: int = 0, job_status: str = "SUCCEEDED") -> Path:
+        """A ray CLI that records its calls and its environment (job list exits job_list_rc; job status says job_status)."""
         log = self.root / "ray_calls.jsonl"
         body = (
             f'"{sys.executable}" -c \'import json, os, sys; '
             f'open("{log}", "a").write(json.dumps({{"argv": sys.argv[1:], '
             f'"env": {{k: os.environ.get(k) for k in ("METRICS_LOG_DIR", "SAMPLES_LOG_DIR", "SPIKE_LOG_PATH")}}}}) + "\\n")\' "$@"\n'
             f'if [[ "$1 $2" == "job list" ]]; then exit {job_list_rc}; fi\n'
+            f'if [[ "$1 $2" == "job status" ]]; then echo "Status for job \'${{!#}}\': {job_status}"; fi\n'
         )
         _script(self.bin / "ray", body)
         return log
@@ -493,6 +494,9 @@ def test_launch_submits_the_manifest_command_with_metrics_env(bed):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     calls = [json.loads(l) for l in log.read_text().splitlines()]
     start, listing, submit = calls[0], calls[1], calls[2]
+    # submitted without waiting, then the log followed and the final status read
+    assert submit["argv"][:3] == ["job", "submit", "--no-wait"]
+    assert [c["argv"][:2] for c in calls[3:]] == [["job", "logs"], ["job", "status"]]
     metrics = str(bed.metrics_dir("gpt-oss-20b-grpo"))
     # local head started with the metrics variables in its environment: every worker inherits them
     assert start["argv"][:4] == ["start", "--head", "--num-gpus", "8"]
@@ -512,6 +516,16 @@ def test_launch_submits_the_manifest_command_with_metrics_env(bed):
     assert manifest["submit"][1:3] == ["job", "submit"] and manifest["submit"][-1] == "--"
 
 
+def test_launch_fails_when_the_job_fails(bed):
+    """The launcher follows the job's log, then exits non-zero with one line unless the job succeeded."""
+    bed.fake_nvidia_smi([0] * 8)
+    bed.fake_ray(job_status="FAILED")
+    proc = bed.run(LAUNCHERS["20b"], RAY_STOP_ON_EXIT="0")
+    assert proc.returncode == 1
+    assert last_line(proc).startswith("train_grpo_20b: job gpt-oss-20b-grpo-")
+    assert ": FAILED; see " in last_line(proc)
+
+
 def test_runtime_env_merges_with_openrlhf_driver_env(bed, patched_root):
     """Ray refuses a job whose env repeats a key of the driver's ray.init runtime_env."""
     from ray._private.worker import _merge_runtime_env
@@ -519,7 +533,7 @@ def test_runtime_env_merges_with_openrlhf_driver_env(bed, patched_root):
     bed.fake_nvidia_smi([0] * 8)
     log = bed.fake_ray()
     assert bed.run(LAUNCHERS["20b"], RAY_STOP_ON_EXIT="0").returncode == 0
-    submit = [json.loads(l) for l in log.read_text().splitlines()][-1]["argv"]
+    submit = next(c["argv"] for c in map(json.loads, log.read_text().splitlines()) if c["argv"][:2] == ["job", "submit"])
     job_env = json.loads(submit[submit.index("--runtime-env-json") + 1])
     src = (patched_root / "openrlhf/cli/train_ppo_ray.py").read_text()
     init = next(n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Call)
