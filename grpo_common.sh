@@ -588,7 +588,14 @@ rft_submit() {
   "$RAY_BIN" job logs --address "$RAY_ADDRESS" --follow "$SUBMISSION_ID" || true
   out="$("$RAY_BIN" job status --address "$RAY_ADDRESS" "$SUBMISSION_ID" 2>&1)" || true
   status=""
-  if [[ "$out" =~ Status\ for\ job\ \'[^\']*\':\ ([A-Z]+) ]]; then status="${BASH_REMATCH[1]}"; fi
+  # Ray 2.48 prints "Job '<id>' succeeded" (or failed, was stopped) once the job has ended, and
+  # "Status for job '<id>': RUNNING" before; colour codes may wrap the words.
+  if [[ "$out" =~ Job\ [^\ ]*\'"$SUBMISSION_ID"\'[^\ ]*\ ([a-z ]+) ]]; then
+    status="${BASH_REMATCH[1]^^}"
+    status="${status// /_}"
+  elif [[ "$out" =~ Status\ for\ job\ \'[^\']*\':\ [^A-Z]*([A-Z]+) ]]; then
+    status="${BASH_REMATCH[1]}"
+  fi
   if [[ "$status" != SUCCEEDED ]]; then
     rft_die "job $SUBMISSION_ID: ${status:-status unknown}; see $LOG_FILE and ray job logs $SUBMISSION_ID"
   fi

@@ -64,6 +64,8 @@ METRICS: tuple[Metric, ...] = (
     _m("has_boxed", "share", "experience", "Share of samples with a \\boxed{} answer."),
     _m("boxed_in_final", "share", "experience", "Share of samples whose last \\boxed{} is in the final part of the response."),
     _m("truncated_response", "share", "experience", "Share of samples the reward judged cut off (heuristic)."),
+    _m("has_final_channel", "share", "experience", "Share of samples with a Harmony final-channel message (the only text scored)."),
+    _m("reward_error", "share", "experience", "Share of samples the reward could not score properly (bad input, empty label, internal error)."),
     _m("parse_method_boxed", "share", "experience", "Share of samples whose answer came from \\boxed{}."),
     _m("parse_method_last_number", "share", "experience", "Share of samples whose answer fell back to the last number."),
     _m("parse_method_none", "share", "experience", "Share of samples with no extractable answer."),

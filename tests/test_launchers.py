@@ -128,7 +128,7 @@ class Bed:
         lines = "".join(f"{i}, {u}\\n" for i, u in enumerate(used_mib))
         _script(self.bin / "nvidia-smi", f'printf "{lines}"\n')
 
-    def fake_ray(self, job_list_rc: int = 0, job_status: str = "SUCCEEDED") -> Path:
+    def fake_ray(self, job_list_rc: int = 0, job_status: str = "succeeded") -> Path:
         """A ray CLI that records its calls and its environment (job list exits job_list_rc; job status says job_status)."""
         log = self.root / "ray_calls.jsonl"
         body = (
@@ -136,7 +136,7 @@ class Bed:
             f'open("{log}", "a").write(json.dumps({{"argv": sys.argv[1:], '
             f'"env": {{k: os.environ.get(k) for k in ("METRICS_LOG_DIR", "SAMPLES_LOG_DIR", "SPIKE_LOG_PATH")}}}}) + "\\n")\' "$@"\n'
             f'if [[ "$1 $2" == "job list" ]]; then exit {job_list_rc}; fi\n'
-            f'if [[ "$1 $2" == "job status" ]]; then echo "Status for job \'${{!#}}\': {job_status}"; fi\n'
+            f'if [[ "$1 $2" == "job status" ]]; then echo "Job \'${{!#}}\' {job_status}"; fi\n'
         )
         _script(self.bin / "ray", body)
         return log
@@ -519,7 +519,7 @@ def test_launch_submits_the_manifest_command_with_metrics_env(bed):
 def test_launch_fails_when_the_job_fails(bed):
     """The launcher follows the job's log, then exits non-zero with one line unless the job succeeded."""
     bed.fake_nvidia_smi([0] * 8)
-    bed.fake_ray(job_status="FAILED")
+    bed.fake_ray(job_status="failed")
     proc = bed.run(LAUNCHERS["20b"], RAY_STOP_ON_EXIT="0")
     assert proc.returncode == 1
     assert last_line(proc).startswith("train_grpo_20b: job gpt-oss-20b-grpo-")
