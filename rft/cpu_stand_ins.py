@@ -1,7 +1,8 @@
 """What stands in for the GPU when rft's GRPO loop runs on a CPU: every stand-in, in one place.
 
-Used only by the CPU quick start (``train_grpo_tiny.sh``) and the end-to-end test that runs it;
-the GPU launchers never load this module. ``rft/cpu_site/sitecustomize.py`` calls
+Used only by the CPU quick start (``train_grpo_tiny.sh``), the end-to-end test that runs it, and
+the CPU tests (``tests/conftest.py`` takes :class:`MissingKernel` and :func:`ordered_gathers`
+from here); the GPU launchers never load this module. ``rft/cpu_site/sitecustomize.py`` calls
 :func:`install` at the start of every Python process of the run (the launcher puts that folder
 on ``PYTHONPATH`` of the Ray head and of the job, so the trainer, the Ray actors and vLLM's
 worker processes all get it), when ``RFT_CPU_STAND_INS=1``.
@@ -32,7 +33,7 @@ ENV_FLAG = "RFT_CPU_STAND_INS"
 _HOOKS: dict[str, Callable[[types.ModuleType], None]] = {}
 
 
-class _MissingKernel(types.ModuleType):
+class MissingKernel(types.ModuleType):
     """A compiled CUDA extension that this machine lacks: importing works, calling raises."""
 
     def __getattr__(self, name: str):
@@ -89,7 +90,7 @@ def _flash_attn_kernels() -> None:
     # flash_attn.bert_padding (pure torch) and vLLM's rotary embedding imports
     # flash_attn.ops.triton.rotary, both through flash_attn/__init__.py, which imports
     # flash_attn_2_cuda. Nothing on the CPU path calls a kernel.
-    sys.modules.setdefault("flash_attn_2_cuda", _MissingKernel("flash_attn_2_cuda"))
+    sys.modules.setdefault("flash_attn_2_cuda", MissingKernel("flash_attn_2_cuda"))
     # openrlhf/models/utils.py log_probs_from_logits: flash-attn's Triton cross-entropy kernel
     # (CUDA only), with OpenRLHF's own fallback on ImportError: log_softmax as gather minus
     # logsumexp, the same log-probs. None in sys.modules makes that import raise ImportError.
@@ -139,7 +140,7 @@ def _replay_buffer(module: types.ModuleType) -> None:
     cls.__init__ = __init__
 
 
-def _ordered_gathers(ds_comm: types.ModuleType) -> None:
+def ordered_gathers(ds_comm: types.ModuleType) -> None:
     # ZeRO-3's coalesced parameter gather launches one async all-gather per parameter and waits
     # on the last handle only: NCCL runs them in order on one stream, gloo may finish them out
     # of order. Waiting on each gives gloo the order DeepSpeed assumes; the values are unchanged.
@@ -167,4 +168,4 @@ def install() -> None:
     after_import("torch")(_torch_cuda)
     after_import("openrlhf.utils.deepspeed.deepspeed")(_device_mesh)
     after_import("openrlhf.trainer.ppo_utils.replay_buffer")(_replay_buffer)
-    after_import("deepspeed.comm")(_ordered_gathers)
+    after_import("deepspeed.comm")(ordered_gathers)

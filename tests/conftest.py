@@ -1,7 +1,8 @@
 """Shared fixtures of the rft test suite.
 
-Import boundaries that cannot exist on a CPU machine are replaced by minimal
-stand-ins here, and only here:
+What a whole CPU run needs in place of the GPU (the end-to-end test runs the quick start) is
+defined once in ``rft/cpu_stand_ins.py``; this file takes the kernel stand-in and the gloo
+gather ordering from there. Import boundaries that the unit tests replace:
 
 * ``vllm`` (fixture :func:`vllm_stub`): vLLM cannot be installed without a GPU.
   OpenRLHF 0.9.3 imports it at module level in ``trainer/ray/vllm_engine.py``
@@ -29,6 +30,9 @@ import pytest
 
 import oprl
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for rft (subprocesses too)
+from rft import cpu_stand_ins  # noqa: E402
+
 
 def _gpu_available() -> bool:
     try:
@@ -48,17 +52,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-class _MissingKernel(types.ModuleType):
-    """Module whose every attribute is a GPU kernel that is absent on this machine."""
-
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-
-        def _unavailable(*args, **kwargs):
-            raise RuntimeError(f"{self.__name__}.{name} is a CUDA kernel; not available in CPU tests")
-
-        return _unavailable
+_MissingKernel = cpu_stand_ins.MissingKernel
+"""A CUDA extension this machine lacks (defined with the other CPU stand-ins in rft/cpu_stand_ins.py)."""
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -73,25 +68,11 @@ def flash_attn_kernels_stub():
 def complete_async_gathers() -> None:
     """Make DeepSpeed's async all-gathers complete before they return (CPU, gloo runs only).
 
-    ZeRO-3's coalesced gather (``_allgather_params_coalesced``) launches one async all-gather per
-    parameter and waits on the last handle only: with NCCL they run in order on one CUDA stream,
-    so the last one finishing means all have. gloo completes async work out of order, so an
-    earlier parameter could be read while still being gathered. Waiting on each gather gives gloo
-    the ordering DeepSpeed assumes; the values gathered are unchanged.
+    The stand-in and its reason live in ``rft/cpu_stand_ins.py`` (:func:`ordered_gathers`).
     """
     import deepspeed.comm as ds_comm
 
-    def waiting(real):
-        def call(*args, **kwargs):
-            work = real(*args, **kwargs)
-            if kwargs.get("async_op") and work is not None:
-                work.wait()
-            return work
-
-        return call
-
-    ds_comm.all_gather_into_tensor = waiting(ds_comm.all_gather_into_tensor)
-    ds_comm.all_gather = waiting(ds_comm.all_gather)
+    cpu_stand_ins.ordered_gathers(ds_comm)
 
 
 class SamplingParams:
