@@ -5,7 +5,7 @@
 # is in rft/cpu_stand_ins.py.
 #
 #   bash setup_cpu.sh                        # once: the CPU environment in .venv
-#   bash train_grpo_tiny.sh                  # about 4 min on 2 cores: 16 rollouts of 16 prompts x 8
+#   bash train_grpo_tiny.sh                  # about 4 min on 2 cores: 16 rollouts, reward 0.7 -> 0.85
 #   bash train_grpo_tiny.sh --dry-run        # checks + the resolved command, no launch
 #
 # What runs for real: a local Ray head with logical GPUs, the Ray job, openrlhf.cli.train_ppo_ray
@@ -40,6 +40,10 @@ PROMPT_MAX_LEN="${PROMPT_MAX_LEN:-128}"         # a prompt is about 100 tokens
 MICRO_TRAIN_BATCH_SIZE="${MICRO_TRAIN_BATCH_SIZE:-8}"
 WARMUP_RATIO="${WARMUP_RATIO:-0}"               # 64 updates: a warmup would spend the short run
 EPS_CLIP="${EPS_CLIP:-0.2}"
+# Sampling temperature 0.7 (the trainer scales its logits the same way): at 1.0 the tiny model
+# samples broken Harmony markup often enough that those samples' gradients swamp the one answer
+# token, and the reward stalled near its start (0.66 -> 0.73 in 16 rollouts; 0.70 -> 0.87 at 0.7).
+TEMPERATURE="${TEMPERATURE:-0.7}"
 PROMPT_DATA="${PROMPT_DATA:-$TINY_DIR/data/train.jsonl}"
 EVAL_DATASET="${EVAL_DATASET-$TINY_DIR/data/eval.jsonl}"
 EVAL_STEPS="${EVAL_STEPS:-1}"

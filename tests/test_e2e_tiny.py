@@ -41,11 +41,11 @@ from rft import tiny  # noqa: E402
 pytestmark = pytest.mark.slow
 
 RUN_NAME = "e2e"
-P_TARGET_RISE = 0.03
-"""Least rise of the trainer's p(right answer) over the 16 rollouts (about 0.68 at the start)."""
+LEARNING_FLOOR = 0.8
+"""Mean reward of the last four rollouts (16 in all); the first rollout scores about 0.7."""
 
-REWARD_RISE = 0.02
-"""Least rise of the mean rollout reward, second half of the run against the first half."""
+P_TARGET_RISE = 0.05
+"""Least rise of the trainer's own p(right answer), base to last adapter (reference run: 0.12)."""
 
 FULL_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model-00001-of-00002.safetensors")
 
@@ -137,9 +137,9 @@ def test_one_valid_record_per_step(run):
         assert record["eval/temperature"] == 0.0 and record["eval/n_samples_per_prompt"] == 1
         assert record["grad_norm"] > 0
     # The reference model is on (INIT_KL_COEF > 0): the KL to it is 0 before the first update
-    # changes the policy, and positive once it has.
+    # changes the policy, and not once it has (OpenRLHF's k1 estimate can dip below 0 on a step).
     assert records[0]["kl"] == 0.0
-    assert records[-1]["kl"] > 0.0
+    assert max(r["kl"] for r in records[1:]) > 1e-3
 
 
 def test_the_engines_serve_the_update_the_trainer_made(run):
@@ -176,7 +176,7 @@ def test_checkpoints_hold_adapters_only(run):
         assert not names & set(FULL_WEIGHT_FILES), (folder, names)
 
 
-def _target_probability(model_dir: Path, adapter_dir: Path | None) -> float:
+def _target_probability(model_dir: Path, adapter_dir: Path | None, temperature: float) -> float:
     """p(target digit) at the answer position of a fixed prompt, by plain transformers + PEFT."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -191,31 +191,32 @@ def _target_probability(model_dir: Path, adapter_dir: Path | None) -> float:
     text = prompt + tiny.response_text(tiny.TARGET).split(str(tiny.TARGET))[0]
     ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
-        probs = torch.softmax(model.eval()(ids).logits[0, -1].float(), dim=-1)
+        probs = torch.softmax(model.eval()(ids).logits[0, -1].float() / temperature, dim=-1)
     return float(probs[tok.convert_tokens_to_ids(str(tiny.TARGET))])
 
 
 def test_the_policy_learns_the_answer(run):
     """The proof that gradient sign, update, sync and sampling connect: a flat run fails.
 
-    Two measures. The trainer's own policy (each saved adapter, read by plain transformers and
-    PEFT) gives the right answer a higher probability after every rollout than before it: the
-    update has the right sign. The engines' samples (the rollout reward) rise with it: the sync
-    and the sampling carry the update.
+    The engines' samples: the mean reward of the last four rollouts reaches 0.8 from a first
+    rollout below it. The trainer's own policy (the first and last saved adapters, read by plain
+    transformers and PEFT at the run's sampling temperature) gives the right answer a clearly
+    higher probability than the base model: the update has the right sign.
     """
     records = run.records()
     rewards = [r["reward_mean"] for r in records]
-    steps = [int(p.name.removeprefix("global_step").removesuffix("_hf")) for p in run.ckpt_dir.glob("global_step*_hf")]
-    curve = [_target_probability(run.model_dir, None)] + [
-        _target_probability(run.model_dir, run.ckpt_dir / f"global_step{s}_hf") for s in sorted(steps)]
+    command = json.loads((run.metrics_dir / "run_manifest.json").read_text())["command"]
+    temperature = float(command[command.index("--temperature") + 1])
+    steps = sorted(int(p.name.removeprefix("global_step").removesuffix("_hf")) for p in run.ckpt_dir.glob("global_step*_hf"))
+    curve = [_target_probability(run.model_dir, None, temperature)] + [
+        _target_probability(run.model_dir, run.ckpt_dir / f"global_step{s}_hf", temperature) for s in steps]
     (run.root / "learning_curve.json").write_text(json.dumps({"reward": rewards, "p_target": curve}))
     print("reward per step:", [round(r, 3) for r in rewards])
-    print("p(target) base, then per step:", [round(p, 3) for p in curve])
-    assert sorted(steps) == list(range(1, len(records) + 1))
-    assert all(b > a for a, b in zip(curve, curve[1:])), curve
+    print(f"p(target) at temperature {temperature}, base then per step:", [round(p, 3) for p in curve])
+    assert steps == list(range(1, len(records) + 1))
+    assert rewards[0] < LEARNING_FLOOR, rewards
+    assert sum(rewards[-4:]) / 4 >= LEARNING_FLOOR, rewards
     assert curve[-1] - curve[0] >= P_TARGET_RISE, curve
-    half = len(rewards) // 2
-    assert sum(rewards[half:]) / (len(rewards) - half) >= sum(rewards[:half]) / half + REWARD_RISE, rewards
 
 
 def test_served_shards_equal_the_saved_adapter_merged(run, tmp_path):
