@@ -45,6 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rft.eval_io import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 
 TARGET = 7
@@ -191,22 +193,6 @@ def warm_start(model, tok, seed: int, steps: int = WARM_START_STEPS, progress: b
     return loss_value
 
 
-def _write_json(path: Path, value) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
-
-
 def build_model(dest: Path, seed: int = 0, steps: int = WARM_START_STEPS, progress: bool = True) -> dict:
     """Write the warm-started tiny gpt-oss (bf16) with its tokenizer to ``dest``; returns a report."""
     import torch
@@ -260,9 +246,10 @@ def build(out: Path, seed: int = 0, train_rows: int = 128, eval_rows: int = 8, p
             return report
     (out / "data").mkdir(parents=True, exist_ok=True)
     report = {"settings": wanted, "model": build_model(out / "model", seed=seed, progress=progress)}
-    _write_jsonl(out / "data" / "train.jsonl", task_rows(train_rows, 0))
-    _write_jsonl(out / "data" / "eval.jsonl", task_rows(eval_rows, 10_000))
-    _write_json(report_path, report)  # last: its presence means the build is whole
+    for name, rows in (("train.jsonl", task_rows(train_rows, 0)), ("eval.jsonl", task_rows(eval_rows, 10_000))):
+        atomic_write_text(out / "data" / name, "".join(json.dumps(row) + "\n" for row in rows))
+    # last: its presence means the build is whole
+    atomic_write_text(report_path, json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report
 
 
