@@ -57,11 +57,28 @@ usage() {
   sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
 }
 
-# Quote each argument for a POSIX shell on the other side.
+# Quote each argument for a POSIX shell on the other side: the spare's login shell may be
+# dash, which reads bash's printf %q forms ($'a\nb' for a newline) as other words. Single
+# quotes keep every byte but the quote itself, written '\'' (close, escaped quote, reopen);
+# a word of only safe characters stays bare, so dry runs read easily.
 quote() {
+  local out="" arg q="'\\''"
+  for arg in "$@"; do
+    if [[ "$arg" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+      out+="$arg "
+    else
+      out+="'${arg//\'/"$q"}' "
+    fi
+  done
+  printf '%s' "${out% }"
+}
+
+# Quote for rsync's -e, which splits its command itself: quotes group words, a quote inside
+# single quotes is doubled, and backslashes are not special (rsync(1), --rsh).
+rsync_quote() {
   local out="" arg
   for arg in "$@"; do
-    out+="$(printf '%q' "$arg") "
+    out+="'${arg//\'/\'\'}' "
   done
   printf '%s' "${out% }"
 }
@@ -90,7 +107,7 @@ remote() {
 
 rsync_to() {
   local ssh_cmd
-  ssh_cmd="ssh $(quote "${SSH_ARGS[@]}")"
+  ssh_cmd="ssh $(rsync_quote "${SSH_ARGS[@]}")"
   run rsync -az --partial -e "${ssh_cmd% }" "$1" "${SPARE_HOST}:$2"
 }
 

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "spare_node_eval.sh"
 
 FAKES = {
-    # ssh [opts] host command...: run the command in the fake home.
+    # ssh [opts] host command...: run the command in the fake home with the spare's login
+    # shell ($FAKE_LOGIN_SHELL, bash unless a test picks dash).
     "ssh": r"""#!/usr/bin/env bash
 set -euo pipefail
 echo "ssh $*" >> "$FAKE_CALLS"
@@ -35,7 +36,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 shift  # the host
-cd "$FAKE_HOME" && HOME="$FAKE_HOME" exec bash -c "$*"
+cd "$FAKE_HOME" && HOME="$FAKE_HOME" exec "${FAKE_LOGIN_SHELL:-bash}" -c "$*"
 """,
     # scp [opts] src host:dst
     "scp": r"""#!/usr/bin/env bash
@@ -167,3 +168,21 @@ def test_settings_and_errors(spare):
     assert not (spare["tmp"] / "logs").exists()  # a dry run touches nothing
     assert sh(spare, "frobnicate").returncode == 2
     assert "tail: N must be a number" in sh(spare, "tail", "x").stderr
+
+
+@pytest.mark.skipif(shutil.which("dash") is None, reason="dash is not installed")
+def test_arguments_survive_a_dash_login_shell(spare):
+    """A spare whose login shell is dash gets every byte: newline, quote, backslash, $'...'."""
+    assert sh(spare, "sync-code", FAKE_LOGIN_SHELL="dash").returncode == 0
+    args = ["--adapter", "a=/mnt/data/run\nx/step 10", "--note", "it's a\\b $'c' \t tab", "--empty", ""]
+    proc = sh(spare, "start", "--", *args, FAKE_LOGIN_SHELL="dash")
+    assert proc.returncode == 0, proc.stderr
+    lines = (spare["tmp"] / "logs" / "eval-posthoc.log").read_text().splitlines()
+    argv = [json.loads(line[len("ARGV "):]) for line in lines if line.startswith("ARGV ")]
+    assert argv == [args]  # the newline did not split the path, nothing was reinterpreted
+    adapter = spare["tmp"] / "ckpt"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    proc = sh(spare, "sync-adapter", str(adapter), "adapters/it's\nstep", FAKE_LOGIN_SHELL="dash")
+    assert proc.returncode == 0, proc.stderr
+    assert (spare["home"] / "adapters" / "it's\nstep" / "adapter_config.json").is_file()
