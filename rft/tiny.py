@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 
 from rft.eval_io import atomic_write_text
+from rft.prompt_spec import PromptSpec, render
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,15 +72,23 @@ STOP_TOKENS = ("<|return|>", "<|call|>", "<|endoftext|>")
 """gpt-oss's ``generation_config.json`` ``eos_token_id`` (ids 200002, 200012, 199999 there)."""
 
 REASONING_EFFORT = "low"
+"""The effort the quick start trains and evaluates at (its launcher sets REASONING_EFFORT to it)."""
 
 CHAT_TEMPLATE = (
-    "<|start|>system<|message|>You are a tiny model.\nReasoning: " + REASONING_EFFORT + "<|end|>"
+    "<|start|>system<|message|>You are a tiny model.\n"
+    "Current date: {{ strftime_now('%Y-%m-%d') }}\n\n"
+    "Reasoning: {{ reasoning_effort | default('medium') }}<|end|>"
     "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "<|start|>developer<|message|># Instructions\n\n{{ message['content'] }}<|end|>"
+    "{% else %}"
     "<|start|>{{ message['role'] }}<|message|>{{ message['content'] }}<|end|>"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|start|>assistant{% endif %}"
 )
-"""A chat template of gpt-oss's shape: system message with the effort, turns, assistant header."""
+"""A chat template with gpt-oss's moving parts: today's date from ``strftime_now``, the reasoning
+effort defaulting to medium, a system turn rendered as developer instructions, the assistant header."""
 
 ANALYSIS = "Recall it."
 
@@ -153,11 +162,10 @@ def build_tokenizer(dest: Path):
 
 def _examples(tok, n: int, rng: random.Random) -> list[tuple[list[int], int]]:
     """Token ids of ``n`` prompt+response pairs and the length of each prompt."""
+    spec = PromptSpec.for_tokenizer(tok, REASONING_EFFORT)
     out = []
     for _ in range(n):
-        prompt = tok.apply_chat_template(
-            [{"role": "user", "content": prompt_text(rng.randrange(10_000))}], tokenize=False, add_generation_prompt=True
-        )
+        prompt = render(tok, prompt_text(rng.randrange(10_000)), spec)
         prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         response_ids = tok(response_text(rng.choice(ANSWERS)), add_special_tokens=False)["input_ids"]
         out.append((prompt_ids + response_ids, len(prompt_ids)))
