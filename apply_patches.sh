@@ -21,4 +21,6 @@ if [[ -z "$PYTHON" ]] || ! command -v "$PYTHON" >/dev/null 2>&1; then
   exit 3
 fi
 
-exec "$PYTHON" "$ROOT/rft/patching.py" "$@"
+# As a module of the checkout, not a script: a script's own folder (rft/) goes first on sys.path,
+# where the rft.openrlhf package would shadow the real openrlhf.
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m rft.patching "$@"
