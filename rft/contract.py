@@ -43,6 +43,8 @@ RUN_LOG_ENV_VARS = (ENV_METRICS_DIR, ENV_SAMPLES_DIR, ENV_SPIKE_PATH, ENV_SPIKE_
 """What the launcher hands to the trainer's actors for the run logs."""
 DEFAULT_SPIKE_GRAD_NORM = 50.0
 DEFAULT_SAMPLES_LOG_COUNT = 16
+ENV_FAST_GPTOSS = "RFT_FAST_GPTOSS"
+"""Set in the actor's process (not 0): the Actor installs rft.fast_gptoss's faster gpt-oss layers."""
 
 # ------------------------------------------------------------------------ reward log keys
 SHARE_KEYS = ("correctness", "has_answer", "has_boxed", "boxed_in_final", "truncated_response")
