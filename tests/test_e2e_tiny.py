@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from rft import metrics_schema  # noqa: E402
 from rft import tiny  # noqa: E402
+from rft.prompt_spec import PromptSpec, render  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -186,8 +187,7 @@ def _target_probability(model_dir: Path, adapter_dir: Path | None, temperature: 
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
-    prompt = tok.apply_chat_template([{"role": "user", "content": tiny.prompt_text(99_999)}], tokenize=False,
-                                     add_generation_prompt=True)
+    prompt = render(tok, tiny.prompt_text(99_999), PromptSpec.for_tokenizer(tok, tiny.REASONING_EFFORT))
     text = prompt + tiny.response_text(tiny.TARGET).split(str(tiny.TARGET))[0]
     ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
@@ -217,6 +217,34 @@ def test_the_policy_learns_the_answer(run):
     assert rewards[0] < LEARNING_FLOOR, rewards
     assert sum(rewards[-4:]) / 4 >= LEARNING_FLOOR, rewards
     assert curve[-1] - curve[0] >= P_TARGET_RISE, curve
+
+
+def test_engine_stops_on_the_harmony_stop_token(run, tmp_path):
+    """What the real engine returns at a response's end, and what the reward makes of it.
+
+    The stop token ends generation (finish_reason "stop"); vLLM keeps its id in the token ids and
+    leaves it out of the text; OpenRLHF decodes prompt + token ids for the reward, so the reward
+    sees it. Either way the reward reads the same answer.
+    """
+    import reward_func_em
+
+    out = tmp_path / "generation.json"
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "e2e_generation.py"), str(run.model_dir), str(out)],
+                          env=run.env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    gen = json.loads(out.read_text())
+    assert gen["finish_reason"] == "stop"
+    assert gen["token_ids"][-1] == gen["stop_ids"]["<|return|>"]
+    assert "<|return|>" not in gen["text"]
+    assert gen["reward_query"] == gen["prompt"] + gen["text"] + "<|return|>"
+    response = reward_func_em.strip_prompt(gen["reward_query"], gen["prompt"])
+    assert response == gen["text"] + "<|return|>"
+    kept, kept_answer = reward_func_em.score_with_answer(response, str(tiny.TARGET))
+    dropped, dropped_answer = reward_func_em.score_with_answer(gen["text"], str(tiny.TARGET))
+    assert kept["has_final_channel"] == 1.0 and kept_answer is not None, gen["text"]  # the warm start taught the format
+    assert kept_answer == dropped_answer, gen["text"]
+    for key in ("reward", "has_final_channel", "parse_method", "has_boxed"):
+        assert kept[key] == dropped[key], (key, gen["text"])
 
 
 def test_served_shards_equal_the_saved_adapter_merged(run, tmp_path):
