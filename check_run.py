@@ -5,8 +5,13 @@
     python check_run.py /mnt/scratch/rft_metrics_20b --follow     # re-check as the run goes on
 
 Prints one verdict per check (ok / warn / stop / n/a) with the suggested action and writes
-a PNG of the main curves with eval points marked. Exit code: 0 healthy, 1 warnings,
-2 stop (early-stop signal or a failed smoke-test check), 3 unreadable input.
+a PNG of the main curves with eval steps, checkpoints, the checkpoint to keep, reward failures
+and NaN/inf steps marked. The spike log, the samples folder and --save_steps come from the
+run's run_manifest.json when it is there.
+
+Exit code: 0 healthy; 1 warnings (bad lines in the metrics files included); 2 stop (NaN or
+inf, an early-stop signal or a failed smoke-test check); 3 unreadable input (no such folder,
+a folder where the file should be, no permission, no step records yet, bad arguments).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from rft.run_health import (
     exit_code,
     format_report,
     load_run,
+    resolve_metrics,
     write_dashboard,
 )
 
@@ -38,8 +44,8 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("metrics_dir", type=Path, help="the run's METRICS_LOG_DIR (holds training_metrics.jsonl)")
-    p.add_argument("--png", type=Path, help="dashboard path (default: METRICS_DIR/run_health.png)")
+    p.add_argument("metrics_dir", type=Path, help="the run's METRICS_LOG_DIR (holds training_metrics.jsonl), or that file")
+    p.add_argument("--png", type=Path, help="dashboard path (default: run_health.png beside the metrics file)")
     p.add_argument("--no-png", action="store_true", help="skip the dashboard")
     p.add_argument("--follow", action="store_true", help="re-check whenever the metrics file grows (Ctrl-C ends)")
     p.add_argument("--interval", type=float, default=60.0, help="seconds between checks with --follow (default 60)")
@@ -48,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--save-steps",
         type=int,
-        help="the run's --save_steps: the early-stop advice then names a checkpoint that exists (global_stepN)",
+        help="the run's --save_steps: the advice then names a checkpoint that exists (global_stepN); "
+        "default: the value in the run's run_manifest.json",
     )
     return p.parse_args(argv)
 
@@ -65,13 +72,14 @@ def check_once(args: argparse.Namespace, last: list[int] | None = None) -> int:
         return EXIT_UNREADABLE
     if not run.records:
         last[0] = EXIT_UNREADABLE
-        print(f"check_run.py: {args.metrics_dir / METRICS_FILE}: no step records yet", file=sys.stderr)
+        first = f" ({run.problems[0]}; {len(run.problems)} bad)" if run.problems else ""
+        print(f"check_run.py: {run.paths.metrics_file}: no step records yet{first}", file=sys.stderr)
         return EXIT_UNREADABLE
     verdicts = evaluate_run(run, th)
     last[0] = exit_code(verdicts)  # an interrupt during the report still exits with it
     print(format_report(run, verdicts, str(args.metrics_dir)), flush=True)
     if not args.no_png:
-        png = args.png or args.metrics_dir / "run_health.png"
+        png = args.png or run.paths.metrics_dir / "run_health.png"
         try:
             write_dashboard(run, png, verdicts, th)
             print(f"dashboard: {png}", flush=True)
@@ -88,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.follow:
         return check_once(args)
-    path, seen, last = args.metrics_dir / METRICS_FILE, None, [EXIT_UNREADABLE]
+    try:
+        _, path = resolve_metrics(args.metrics_dir)
+    except ValueError:  # not there yet: wait for the launcher to create it
+        path = args.metrics_dir / METRICS_FILE
+    seen, last = None, [EXIT_UNREADABLE]
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
     signal.signal(signal.SIGTERM, _interrupt)
     try:

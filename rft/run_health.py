@@ -1,34 +1,80 @@
 """Run-health checks and dashboard for a GRPO run's metrics directory.
 
 Reads ``training_metrics.jsonl`` (one JSON object per global step, keys defined in
-:mod:`rft.metrics_schema`) and ``spike_log.jsonl``, applies the checks of the early
-smoke-test table and tuning playbook, and draws the main curves. ``check_run.py`` is the
-command-line front end.
+:mod:`rft.metrics_schema`) and the spike log, applies the checks of the early smoke-test
+table and tuning playbook, and draws the main curves. ``check_run.py`` is the command-line
+front end.
+
+Where the spike log and the samples are comes from the run's ``run_manifest.json`` when it
+is there (the launcher records the paths it handed to the trainer), so a run that moved its
+spike log is not read as a run without spikes. Nothing bad in the input is skipped quietly:
+a damaged line, a step record without ``global_step``, a value that is not a number and a
+NaN or infinity each reach the verdict with their line or step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-METRICS_FILE = "training_metrics.jsonl"
-SPIKE_FILE = "spike_log.jsonl"
+from rft.contract import (
+    ENV_METRICS_DIR,
+    ENV_SAMPLES_DIR,
+    ENV_SPIKE_PATH,
+    METRICS_FILE,
+    RUN_MANIFEST,
+    SAMPLES_GLOB,
+    SPIKE_FILE,
+)
+
+__all__ = ["METRICS_FILE", "SPIKE_FILE", "RunPaths", "Run", "load_run", "evaluate_run", "write_dashboard"]
 
 OK, WARN, STOP, NA = "ok", "warn", "stop", "n/a"
 EXIT_HEALTHY, EXIT_WARN, EXIT_STOP, EXIT_UNREADABLE = 0, 1, 2, 3
 _RANK = {NA: 0, OK: 0, WARN: 1, STOP: 2}
 
+TEXT_KEYS = {"run_id": str, "nonfinite_keys": list}
+"""Keys of a step record whose value is not a number (every other key holds a number)."""
+NULLABLE_KEYS = frozenset({"episode"})
+"""Keys the trainer may write as null without a NaN behind it (no episode in the client state)."""
+_JSON_TYPE = {str: "text", list: "a list", dict: "an object", bool: "true/false"}
+PROBLEMS_SHOWN = 4
+"""Bad lines named in the report's one-line detail; the rest are counted."""
+
+
+@dataclass
+class RunPaths:
+    """The files of one run: where each came from is said in the report."""
+
+    metrics_dir: Path
+    metrics_file: Path
+    spike_log: Path
+    samples_dir: Path | None = None
+    save_steps: int | None = None  # the run's --save_steps, read from the manifest's command
+    source: str = "default paths"  # or the manifest the paths came from
+
 
 @dataclass
 class Run:
-    """The step records of a run, one per global step (the last line of a step wins)."""
+    """The step records of a run, one per global step (the last line of a step wins).
+
+    ``problems`` holds one line per damaged or malformed input line (file and line number),
+    ``lines`` the line number of each kept step record, and ``bad_lines`` counts every line
+    skipped, a torn last line included (a run being written ends with one).
+    """
 
     records: list[dict]
     spikes: list[dict] = field(default_factory=list)
     bad_lines: int = 0
+    problems: list[str] = field(default_factory=list)
+    lines: dict[int, int] = field(default_factory=dict)
+    paths: RunPaths | None = None
+    torn_tail: bool = False
 
     def series(self, key: str) -> list[tuple[int, float]]:
         """(global_step, value) of every record that has a finite ``key``."""
@@ -67,51 +113,230 @@ class Thresholds:
 
 @dataclass
 class Verdict:
-    """Outcome of one check."""
+    """Outcome of one check; ``checkpoint`` is the step of the checkpoint its action names."""
 
     check: str
     level: str
     detail: str
     action: str = ""
+    checkpoint: int | None = None
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def read_lines(path: Path) -> tuple[list[tuple[int, bytes]], bool]:
+    """Non-blank lines of a file with their 1-based numbers, and whether the last is unterminated.
+
+    Raises ValueError naming the file when it cannot be read (a folder, no permission).
+    """
+    try:
+        data = Path(path).read_bytes()
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a folder, not a file; pass the run's METRICS_LOG_DIR (the folder holding {METRICS_FILE})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e}); check its permissions or copy it somewhere readable") from None
+    return [(n, line) for n, line in enumerate(data.split(b"\n"), start=1) if line.strip()], not data.endswith(b"\n")
+
+
+def parse_line(line: bytes) -> tuple[object, str | None]:
+    """(JSON value, None), or (None, why the line is not JSON text)."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, f"not JSON ({e.msg} at column {e.colno})"
+
+
+def step_problem(row: object) -> str | None:
+    """Why a line cannot be placed at a step: not an object, or no integer ``global_step``."""
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object"
+    step = row.get("global_step")
+    if "global_step" not in row:
+        return "no global_step"
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not float(step).is_integer():
+        return f"global_step {json.dumps(step)[:20]} is not a step number"
+    return None
+
+
+def record_problems(row: dict) -> list[str]:
+    """What is wrong with the values of a step record; empty when they follow the schema's types.
+
+    Values are numbers or null (NaN written by the trainer), except ``run_id`` (text) and
+    ``nonfinite_keys`` (a list). A value of another type would be skipped by every check,
+    so it is reported.
+    """
+    out = []
+    for key, value in row.items():
+        if key == "global_step" or value is None:
+            continue
+        if key in TEXT_KEYS:
+            if not isinstance(value, TEXT_KEYS[key]):
+                out.append(f"{key} is a {type(value).__name__}, not a {TEXT_KEYS[key].__name__}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            out.append(f"{key} is {_JSON_TYPE.get(type(value), 'a value')} ({json.dumps(value)[:20]}), not a number")
+    return out
+
+
+def read_records(path: Path, label: str, check_values: bool = True) -> tuple[list[tuple[int, dict]], list[str], int, bool]:
+    """(line number, record) of every usable line, problems, lines skipped, torn last line.
+
+    The last line of a file still being written may be cut short: that one is skipped
+    without a problem. Every other line that cannot be used is a problem naming ``label``
+    and its line number. A record with a problem but a step number is kept (its good values
+    still count); one without a step number cannot be placed and is skipped. With
+    ``check_values`` off (the spike log, whose records hold lists and texts) only the step
+    number is checked.
+    """
+    lines, unterminated = read_lines(path)
+    rows, problems, skipped, torn = [], [], 0, False
+    for i, (n, line) in enumerate(lines):
+        row, why = parse_line(line)
+        if why is not None:
+            skipped += 1
+            if i == len(lines) - 1 and unterminated and why.startswith("not JSON"):
+                torn = True
+            else:
+                problems.append(f"{label} line {n}: {why}")
+            continue
+        unplaced = step_problem(row)
+        bad = ([unplaced] if unplaced else []) + (record_problems(row) if check_values and isinstance(row, dict) else [])
+        if bad:
+            problems.append(f"{label} line {n}: " + "; ".join(bad))
+        if unplaced:
+            skipped += 1
+        else:
+            rows.append((n, row))
+    return rows, problems, skipped, torn
 
 
 def read_jsonl(path: Path) -> tuple[list[dict], int]:
-    """JSON objects of a file; lines that do not parse (a torn last line) are counted."""
-    rows, bad = [], 0
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
+    """JSON objects of a file (none when it does not exist); lines that do not parse are counted."""
+    if not Path(path).exists():
         return [], 0
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(row, dict):
+    rows, bad = [], 0
+    for _, line in read_lines(path)[0]:
+        row, why = parse_line(line)
+        if why is None and isinstance(row, dict):
             rows.append(row)
         else:
             bad += 1
     return rows, bad
 
 
-def load_run(metrics_dir: Path) -> Run:
-    """Load a metrics directory; ValueError (naming the file) when there is nothing to read."""
-    metrics_dir = Path(metrics_dir)
-    path = metrics_dir / METRICS_FILE
-    if not path.is_file():
-        raise ValueError(f"{path}: not found; pass the run's METRICS_LOG_DIR")
-    rows, bad = read_jsonl(path)
-    by_step: dict[int, dict] = {}
-    for row in rows:
+# ----------------------------------------------------------------------------- manifest
+
+
+def _text(obj: object, key: str) -> str | None:
+    value = obj.get(key) if isinstance(obj, dict) else None
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def flag_value(command: object, flag: str) -> str | None:
+    """The value argparse would give ``flag`` in a recorded command (its last occurrence)."""
+    if not isinstance(command, list):
+        return None
+    value = None
+    for i, arg in enumerate(command):
+        if not isinstance(arg, str):
+            continue
+        if arg == flag and i + 1 < len(command) and isinstance(command[i + 1], str):
+            value = command[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def relocate(recorded: str, recorded_dir: str | None, metrics_dir: Path) -> Path:
+    """A recorded path; one inside the recorded metrics folder follows the folder's copy.
+
+    Metrics folders are copied off the node to be read: a spike log the manifest places in
+    the run's metrics folder is read from the folder given here, not from the node's path.
+    """
+    path = Path(recorded)
+    if recorded_dir:
         try:
-            by_step[int(row["global_step"])] = row
-        except (KeyError, TypeError, ValueError):
-            bad += 1
-    spikes, _ = read_jsonl(metrics_dir / SPIKE_FILE)
-    return Run([by_step[s] for s in sorted(by_step)], current_spikes(spikes, by_step), bad)
+            return metrics_dir / path.relative_to(Path(recorded_dir))
+        except ValueError:
+            pass
+    return path
+
+
+def run_paths(metrics_dir: Path, metrics_file: Path | None = None) -> tuple[RunPaths, list[str]]:
+    """The run's files, from ``run_manifest.json`` when it is there; problems with the manifest.
+
+    Accepts the launcher's layout (``env`` holds METRICS_LOG_DIR, SAMPLES_LOG_DIR and
+    SPIKE_LOG_PATH, ``command`` the trainer's arguments) and a ``paths`` object with
+    ``metrics_dir``, ``spike_log`` and ``samples_dir``, which wins where both are present.
+    A missing manifest means the defaults; an unreadable one is a problem, as the defaults
+    may then name the wrong spike log.
+    """
+    metrics_dir = Path(metrics_dir)
+    paths = RunPaths(metrics_dir, metrics_file or metrics_dir / METRICS_FILE, metrics_dir / SPIKE_FILE)
+    manifest_path = metrics_dir / RUN_MANIFEST
+    if not manifest_path.exists():
+        return paths, []
+    try:
+        manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = getattr(e, "strerror", None) or getattr(e, "msg", None) or type(e).__name__
+        return paths, [f"{RUN_MANIFEST}: unreadable ({why}); spike log and samples read from the default paths"]
+    if not isinstance(manifest, dict):
+        return paths, [f"{RUN_MANIFEST}: not a JSON object; spike log and samples read from the default paths"]
+    env, named = manifest.get("env"), manifest.get("paths")
+    recorded_dir = _text(named, "metrics_dir") or _text(env, ENV_METRICS_DIR)
+    spike = _text(named, "spike_log") or _text(env, ENV_SPIKE_PATH)
+    samples = _text(named, "samples_dir") or _text(env, ENV_SAMPLES_DIR)
+    if spike:
+        paths.spike_log = relocate(spike, recorded_dir, metrics_dir)
+    if samples:
+        paths.samples_dir = relocate(samples, recorded_dir, metrics_dir)
+    save_steps = flag_value(manifest.get("command"), "--save_steps")
+    if save_steps is not None and re.fullmatch(r"-?\d+", save_steps.strip()):
+        paths.save_steps = int(save_steps)
+    paths.source = str(manifest_path)
+    return paths, []
+
+
+def resolve_metrics(path: Path) -> tuple[Path, Path]:
+    """(metrics folder, metrics file) of what the user passed: the folder or the file itself."""
+    path = Path(path)
+    if path.is_dir():
+        return path, path / METRICS_FILE
+    if path.exists():
+        return path.parent, path
+    raise ValueError(f"{path}: not found; pass the run's METRICS_LOG_DIR (the folder holding {METRICS_FILE})")
+
+
+def load_run(metrics_dir: Path) -> Run:
+    """Load a run from its metrics folder (or file); ValueError, naming the file, when unreadable."""
+    folder, metrics_file = resolve_metrics(metrics_dir)
+    if not metrics_file.exists():
+        raise ValueError(f"{metrics_file}: not found; pass the run's METRICS_LOG_DIR (the folder holding {METRICS_FILE})")
+    paths, problems = run_paths(folder, metrics_file)
+    rows, bad, skipped, torn = read_records(metrics_file, metrics_file.name)
+    problems += bad
+    by_step: dict[int, dict] = {}
+    lines: dict[int, int] = {}
+    for n, row in rows:
+        step = int(row["global_step"])
+        by_step[step], lines[step] = row, n
+    spikes = []
+    if paths.spike_log.exists():
+        label = paths.spike_log.name if paths.spike_log.parent == folder else str(paths.spike_log)
+        try:
+            spike_rows, spike_problems, _, _ = read_records(paths.spike_log, label, check_values=False)
+        except ValueError as e:
+            spike_rows, spike_problems = [], [str(e)]
+        spikes = [row for _, row in spike_rows]
+        problems += spike_problems
+    return Run(
+        [by_step[s] for s in sorted(by_step)], current_spikes(spikes, by_step), skipped, problems, lines, paths, torn
+    )
 
 
 def current_spikes(spikes: list[dict], by_step: dict[int, dict]) -> list[dict]:
@@ -135,6 +360,119 @@ def current_spikes(spikes: list[dict], by_step: dict[int, dict]) -> list[dict]:
     return kept
 
 
+def format_steps(steps: list[int]) -> str:
+    """Steps as ranges: [3, 4, 5, 9] -> "3-5, 9"."""
+    out: list[str] = []
+    for step in sorted(set(steps)):
+        if out and step == last + 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{step}"
+        else:
+            out.append(str(step))
+        last = step
+    return ", ".join(out)
+
+
+def nonfinite_steps(run: Run) -> dict[int, list[str]]:
+    """Keys that were NaN or infinite, per step.
+
+    The trainer writes such a value as null and lists its key in ``nonfinite_keys``; a
+    writer that put a NaN or Infinity literal in the line counts too. Every check reads only
+    finite values, so without this a run that diverged would look like its last good step.
+    """
+    out: dict[int, list[str]] = {}
+    for r in run.records:
+        listed = r.get("nonfinite_keys")
+        keys = {str(k) for k in listed} if isinstance(listed, list) else set()
+        for key, value in r.items():
+            if key in TEXT_KEYS or key in NULLABLE_KEYS:
+                continue
+            if value is None or (isinstance(value, float) and not math.isfinite(value)):
+                keys.add(key)
+        if keys:
+            out[int(r["global_step"])] = sorted(keys)
+    return out
+
+
+def last_save_before(step: int, save_steps: int | None) -> int | None:
+    """The last step before ``step`` that OpenRLHF saved (``N % save_steps == 0``), if known."""
+    if not save_steps or save_steps <= 0:
+        return None
+    before = (step - 1) // save_steps * save_steps
+    return before if before > 0 else None
+
+
+def checkpoint_steps(run: Run, save_steps: int | None) -> list[int]:
+    """Steps that have a checkpoint: multiples of --save_steps, and steps with a samples file.
+
+    The trainer writes ``samples_stepN.jsonl`` on exactly the steps it saves, so the samples
+    folder shows them even without --save-steps.
+    """
+    steps = {int(r["global_step"]) for r in run.records}
+    saved = {s for s in steps if save_steps and save_steps > 0 and s % save_steps == 0}
+    samples_dir = run.paths.samples_dir if run.paths else None
+    if samples_dir is not None:
+        try:
+            names = [p.name for p in samples_dir.glob(SAMPLES_GLOB)]
+        except OSError:
+            names = []
+        saved |= {int(m.group(1)) for m in map(re.compile(r"samples_step(\d+)\.jsonl").fullmatch, names) if m}
+    return sorted(saved)
+
+
+def reward_failure_steps(run: Run) -> list[int]:
+    """Steps at which the reward function failed on at least one sample."""
+    s = run.series("reward_failures_count") or run.series("reward_failures")
+    return [step for step, v in s if v > 0]
+
+
+def _named_checkpoint(action: str) -> int | None:
+    m = re.search(r"global_step(\d+)", action)
+    return int(m.group(1)) if m else None
+
+
+def _samples_hint(run: Run) -> str:
+    samples_dir = run.paths.samples_dir if run.paths else None
+    return f"{samples_dir}/{SAMPLES_GLOB}" if samples_dir else SAMPLES_GLOB
+
+
+def check_files(run: Run, th: Thresholds) -> Verdict:
+    """Lines of the metrics file or spike log that no check can read, by file and line."""
+    if not run.problems:
+        return Verdict("metrics files", OK, "every line read" + ("; the last is being written" if run.torn_tail else ""))
+    shown = "; ".join(run.problems[:PROBLEMS_SHOWN])
+    more = f" (+{len(run.problems) - PROBLEMS_SHOWN} more)" if len(run.problems) > PROBLEMS_SHOWN else ""
+    return Verdict(
+        "metrics files",
+        WARN,
+        f"{len(run.problems)} bad: {shown}{more}",
+        "every check leaves these lines out: repair or remove them, and read the trainer log at those steps "
+        "(a full disk tears lines; a text value or a record without global_step means the writer is broken)",
+    )
+
+
+def check_nonfinite(run: Run, th: Thresholds) -> Verdict:
+    """NaN or infinity in any key is a stop: the run diverged, or a metric broke."""
+    bad = nonfinite_steps(run)
+    if not bad:
+        return Verdict("non-finite values", OK, "none")
+    steps = sorted(bad)
+    keys = sorted({k for ks in bad.values() for k in ks})
+    first = steps[0]
+    named = ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+    detail = f"NaN or inf at {len(steps)} step(s) {format_steps(steps)}: {named}"
+    action = f"training diverged or a metric overflowed at step {first}: stop the run and read the trainer log at that step"
+    keep = last_save_before(first, th.save_steps)
+    if th.save_steps is None:
+        action += "; pass --save-steps to name the checkpoint to resume from"
+    elif th.save_steps <= 0:
+        action += "; the run saves no checkpoints: restart with a lower lr"
+    elif keep is None:
+        action += f"; no checkpoint before step {first}: restart with a lower lr"
+    else:
+        action += f"; resume from checkpoint global_step{keep}, the last save before it, with a lower lr"
+    return Verdict("non-finite values", STOP, detail, action, keep)
+
+
 def _tail(series: list[tuple[int, float]], n: int) -> list[float]:
     return [v for _, v in series[-n:]]
 
@@ -153,7 +491,7 @@ def check_reward(run: Run, th: Thresholds) -> Verdict:
             "reward",
             STOP,
             f"reward_mean 0 on the last {th.window} steps",
-            "data or reward bug: check labels and the reward on samples_step*.jsonl before spending more compute",
+            f"data or reward bug: check labels and the reward on {_samples_hint(run)} before spending more compute",
         )
     if all(v >= 1.0 for v in last):
         return Verdict(
@@ -203,7 +541,8 @@ def check_grad_norm(run: Run, th: Thresholds) -> Verdict:
             "grad_norm",
             WARN,
             f"spikes at steps {steps[:10]} (max {max(v for _, v in peaks):.1f}; limit {limit:g})",
-            "extreme log-probability ratios: see spike_log.jsonl; tighten eps_clip or lower lr if they recur",
+            f"extreme log-probability ratios: see {run.paths.spike_log if run.paths else SPIKE_FILE}; "
+            "tighten eps_clip or lower lr if they recur",
         )
     return Verdict("grad_norm", OK, f"{s[-1][1]:.3g} (max {max(v for _, v in peaks):.3g})")
 
@@ -327,12 +666,14 @@ def check_eval(run: Run, th: Thresholds) -> Verdict:
         if len(s) >= 3 and s[-3][1] > s[-2][1] > s[-1][1]:
             train = run.series("correctness")
             rising = len(train) >= 2 and train[-1][1] >= train[0][1]
+            action = early_stop_action(s, key, th.save_steps)
             worst = Verdict(
                 "held-out eval",
                 STOP,
                 f"{key} fell at two evals in a row: {s[-3][1]:.3f} -> {s[-2][1]:.3f} -> {s[-1][1]:.3f}"
                 + (" while train correctness rose" if rising else ""),
-                early_stop_action(s, key, th.save_steps),
+                action,
+                _named_checkpoint(action),
             )
     if worst.level == OK:
         worst.detail = "; ".join(details)
@@ -386,6 +727,8 @@ def check_reward_hacking(run: Run, th: Thresholds) -> Verdict:
 
 
 CHECKS = (
+    check_files,
+    check_nonfinite,
     check_reward,
     check_has_boxed,
     check_grad_norm,
@@ -401,10 +744,50 @@ CHECKS = (
 )
 
 
+def effective_thresholds(run: Run, th: Thresholds | None = None) -> Thresholds:
+    """``th`` with the run's --save_steps from its manifest when none was given."""
+    th = th or Thresholds()
+    if th.save_steps is None and run.paths is not None and run.paths.save_steps is not None:
+        th = dataclasses.replace(th, save_steps=run.paths.save_steps)
+    return th
+
+
+CHECK_KEYS = {
+    "reward": "reward_mean",
+    "has_boxed": "has_boxed",
+    "grad_norm": "grad_norm",
+    "advantage_std": "advantage_std",
+    "truncation": "truncated",
+    "ppo_clip_ratio": "ppo_clip_ratio",
+    "entropy": "entropy_mean",
+    "frac_reward_zero_std": "frac_reward_zero_std",
+    "response length": "response_length",
+    "high_reward_but_wrong": "high_reward_but_wrong",
+    "reward failures": "reward_failures_count",
+}
+"""The key each check reads: a check whose key went NaN lately cannot say ok."""
+
+
+def not_ok_when_nonfinite(verdict: Verdict, run: Run, th: Thresholds) -> Verdict:
+    """An ok verdict becomes n/a when its key was NaN or inf in the last ``window`` steps.
+
+    Checks read finite values only, so they would judge the last good step and say ok while
+    the run is broken; the non-finite check gives the stop.
+    """
+    key = CHECK_KEYS.get(verdict.check)
+    if verdict.level != OK or key is None:
+        return verdict
+    recent = {int(r["global_step"]) for r in run.records[-th.window :]}
+    steps = [step for step, keys in nonfinite_steps(run).items() if key in keys and step in recent]
+    if not steps:
+        return verdict
+    return Verdict(verdict.check, NA, f"{key} NaN or inf at step(s) {format_steps(steps)}: see non-finite values")
+
+
 def evaluate_run(run: Run, th: Thresholds | None = None) -> list[Verdict]:
     """Every check's verdict."""
-    th = th or Thresholds()
-    return [check(run, th) for check in CHECKS]
+    th = effective_thresholds(run, th)
+    return [not_ok_when_nonfinite(check(run, th), run, th) for check in CHECKS]
 
 
 def exit_code(verdicts: list[Verdict]) -> int:
@@ -416,8 +799,9 @@ def format_report(run: Run, verdicts: list[Verdict], source: str) -> str:
     """Plain-text report: one line per check with its action."""
     last = run.records[-1] if run.records else {}
     lines = [f"run: {source}  steps: {len(run.records)}  last step: {last.get('global_step', '-')}  spikes: {len(run.spikes)}"]
-    if run.bad_lines:
-        lines.append(f"note: {run.bad_lines} unreadable line(s) skipped")
+    if run.paths is not None:
+        samples = run.paths.samples_dir or "not recorded"
+        lines.append(f"files ({run.paths.source}): spike log {run.paths.spike_log}; samples {samples}")
     for v in verdicts:
         line = f"{v.level.upper():5} {v.check:22} {v.detail}"
         if v.action and v.level in (WARN, STOP):
@@ -440,61 +824,157 @@ PANELS = (
 )
 
 
-def write_dashboard(run: Run, path: Path, verdicts: list[Verdict] | None = None, th: Thresholds | None = None) -> Path:
-    """PNG of the main curves; eval points are marked on the reward panel and in their own panel."""
+LINE_STYLES = (("-", "o", 2.6), ("--", "s", 1.9), ("-.", "^", 1.5), (":", "D", 1.3))
+"""Line style, marker and width of a panel's 1st..4th curve: where curves coincide, the wider
+solid line still shows under the dashed ones and the markers tell them apart."""
+MARKERS_PER_CURVE = 12
+"""Markers drawn on a curve (every k-th point), enough to tell curves apart, few enough to read."""
+LEGEND_FONT = 10
+
+
+@dataclass
+class Marks:
+    """Steps the dashboard marks across its panels."""
+
+    eval_steps: list[int]
+    checkpoints: list[int]
+    recommended: int | None
+    reward_failures: list[int]
+    nonfinite: list[int]
+
+
+def dashboard_marks(run: Run, verdicts: list[Verdict] | None, th: Thresholds) -> Marks:
+    """The steps to mark: evals, checkpoints, the checkpoint a verdict recommends, failures, NaN/inf."""
+    recommended = next((v.checkpoint for v in verdicts or () if v.level == STOP and v.checkpoint is not None), None)
+    return Marks(
+        eval_steps=sorted({int(r["global_step"]) for r in run.records if any(k.startswith("eval/") for k in r)}),
+        checkpoints=checkpoint_steps(run, th.save_steps),
+        recommended=recommended,
+        reward_failures=reward_failure_steps(run),
+        nonfinite=sorted(nonfinite_steps(run)),
+    )
+
+
+def _ranges(steps: list[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for step in sorted(steps):
+        if out and step == out[-1][1] + 1:
+            out[-1] = (out[-1][0], step)
+        else:
+            out.append((step, step))
+    return out
+
+
+def _plot_curve(ax, series: list[tuple[int, float]], key: str, index: int, **kw) -> None:
+    ls, marker, lw = LINE_STYLES[index % len(LINE_STYLES)]
+    xs, ys = [x for x, _ in series], [y for _, y in series]
+    every = max(1, len(xs) // MARKERS_PER_CURVE)
+    ax.plot(xs, ys, ls=ls, marker=marker, lw=lw, ms=5, markevery=(index % every, every), label=key, **kw)
+
+
+def _mark_steps(ax, marks: Marks) -> None:
+    for step in marks.eval_steps:
+        ax.axvline(step, color="grey", ls="--", lw=0.7, alpha=0.5)
+    for step in marks.checkpoints:
+        ax.axvline(step, color="tab:green", ls=":", lw=1.0, alpha=0.7)
+    if marks.recommended is not None:
+        ax.axvline(marks.recommended, color="darkgreen", ls="-", lw=3.0, alpha=0.8)
+    for lo, hi in _ranges(marks.nonfinite):
+        ax.axvspan(lo - 0.5, hi + 0.5, color="red", alpha=0.18, lw=0)
+    for step in marks.reward_failures:
+        ax.axvline(step, color="darkorange", ls="-", lw=1.2, alpha=0.6)
+
+
+def _marks_legend(marks: Marks) -> list:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = []
+    if marks.eval_steps:
+        handles.append(Line2D([], [], color="grey", ls="--", label="eval step"))
+    if marks.checkpoints:
+        handles.append(Line2D([], [], color="tab:green", ls=":", label=f"checkpoint ({len(marks.checkpoints)})"))
+    if marks.recommended is not None:
+        handles.append(Line2D([], [], color="darkgreen", lw=3, label=f"keep global_step{marks.recommended}"))
+    if marks.reward_failures:
+        handles.append(Line2D([], [], color="darkorange", label=f"reward failures (steps {format_steps(marks.reward_failures)})"))
+    if marks.nonfinite:
+        handles.append(Patch(color="red", alpha=0.3, label=f"NaN/inf (steps {format_steps(marks.nonfinite)})"))
+    return handles
+
+
+def draw_dashboard(run: Run, verdicts: list[Verdict] | None = None, th: Thresholds | None = None):
+    """The dashboard figure: the main curves, the eval points, and the marked steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    th = th or Thresholds()
-    fig, axes = plt.subplots(3, 3, figsize=(16, 11))
-    eval_steps = sorted({int(r["global_step"]) for r in run.records if any(k.startswith("eval/") for k in r)})
+    th = effective_thresholds(run, th)
+    marks = dashboard_marks(run, verdicts, th)
+    fig, axes = plt.subplots(3, 3, figsize=(18, 13))
     for ax, (title, keys) in zip(axes.flat, PANELS):
+        index = 0
         for key in keys:
             s = run.series(key)
             if s:
-                ax.plot([x for x, _ in s], [y for _, y in s], label=key, lw=1.2)
+                _plot_curve(ax, s, key, index)
+                index += 1
         if title.startswith("reward"):
             std = dict(run.series("reward_std"))
             s = run.series("reward_mean")
             if s and std:
                 xs = [x for x, _ in s if x in std]
                 ys = [y for x, y in s if x in std]
-                ax.fill_between(xs, [y - std[x] for x, y in zip(xs, ys)], [y + std[x] for x, y in zip(xs, ys)], alpha=0.15)
+                ax.fill_between(xs, [y - std[x] for x, y in zip(xs, ys)], [y + std[x] for x, y in zip(xs, ys)], alpha=0.12)
             for key in run.eval_keys():
                 e = run.series(key)
-                ax.plot([x for x, _ in e], [y for _, y in e], "o--", ms=6, label=key)
+                ax.plot([x for x, _ in e], [y for _, y in e], "o--", ms=7, lw=1.2, label=key)
         if title.startswith("grad"):
-            ax.axhline(th.grad_factor * th.max_norm, color="red", ls=":", lw=1, label=f"{th.grad_factor:g} x max_norm")
+            ax.axhline(th.grad_factor * th.max_norm, color="red", ls=":", lw=1.2, label=f"{th.grad_factor:g} x max_norm")
             if any(y > 0 for _, y in run.series("grad_norm_max")):
                 ax.set_yscale("log")
-            for spike in run.spikes:
-                ax.plot([spike.get("global_step", 0)], [spike.get("grad_norm", 0)], "rx", ms=8)
-        for step in eval_steps:
-            ax.axvline(step, color="grey", ls="--", lw=0.6, alpha=0.6)
-        ax.set_title(title)
+            spikes = [(s.get("global_step"), s.get("grad_norm")) for s in run.spikes]
+            spikes = [(x, y) for x, y in spikes if isinstance(x, (int, float)) and isinstance(y, (int, float))]
+            if spikes:
+                ax.plot([x for x, _ in spikes], [y for _, y in spikes], "rx", ms=10, mew=2, ls="", label="spike log")
+        _mark_steps(ax, marks)
+        ax.set_title(title, fontsize=12)
         ax.set_xlabel("global step")
         if ax.lines:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=LEGEND_FONT, framealpha=0.85)
         ax.grid(alpha=0.3)
     ax = axes.flat[-1]
-    for key in run.eval_keys():
-        e = run.series(key)
-        ax.plot([x for x, _ in e], [y for _, y in e], "o-", label=key)
-    ax.set_title("held-out eval (pass@1)")
+    for index, key in enumerate(run.eval_keys()):
+        _plot_curve(ax, run.series(key), key, index)
+    _mark_steps(ax, marks)
+    ax.set_title("held-out eval (pass@1)", fontsize=12)
     ax.set_xlabel("global step")
     if ax.lines:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=LEGEND_FONT, framealpha=0.85)
     ax.grid(alpha=0.3)
+    handles = _marks_legend(marks)
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=LEGEND_FONT + 1, frameon=False)
     if verdicts is not None:
         code = exit_code(verdicts)
         flagged = ", ".join(f"{v.check}: {v.level}" for v in verdicts if v.level in (WARN, STOP)) or "all checks ok"
-        fig.suptitle(f"{['HEALTHY', 'WARNINGS', 'STOP'][code]} - {flagged}", color=["green", "darkorange", "red"][code])
-    fig.tight_layout()
+        fig.suptitle(f"{['HEALTHY', 'WARNINGS', 'STOP'][code]} - {flagged}", color=["green", "darkorange", "red"][code], fontsize=14)
+    fig.tight_layout(rect=(0, 0.04 if handles else 0, 1, 1))
+    return fig
+
+
+def write_dashboard(run: Run, path: Path, verdicts: list[Verdict] | None = None, th: Thresholds | None = None) -> Path:
+    """Save :func:`draw_dashboard` as a PNG, whole or not at all (temporary file, then rename)."""
+    fig = draw_dashboard(run, verdicts, th)  # selects matplotlib's file-only backend first
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=90)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path
