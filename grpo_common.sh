@@ -18,8 +18,13 @@
 #   ROLLOUT_BATCH_SIZE TRAIN_BATCH_SIZE GENERATE_MAX_LEN NUM_EPISODES OFFLOAD HOST_GIB_PER_LOAD
 #
 # Launcher options: --dry-run (every check that needs no GPU, print the command one flag a
-# line, write run_manifest.json, exit 0), --help. Every other argument goes to OpenRLHF
+# line, write run_manifest.json, exit 0), --help or -h. Every other argument goes to OpenRLHF
 # after the defaults, so it wins: train_grpo_20b.sh --eps_clip 0.2 --actor_learning_rate 1e-6
+# The whole command is read by OpenRLHF's own (patched) parser before anything is created;
+# the checks and run_manifest.json use what it parsed.
+# Exit status: 0 done (a dry run passed, or the job succeeded); 1 the job failed or could not be
+# submitted; 2 a setting, argument or input file is wrong; 3 the machine is not ready (Python,
+# patches, rft install, disk, host memory, GPUs, Ray). A refusal is one line on stderr.
 
 : "${MODEL_SIZE:?grpo_common.sh is sourced by train_grpo_20b.sh or train_grpo_120b.sh, which set MODEL_SIZE}"
 
@@ -111,43 +116,22 @@ RAY_DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
 RAY_STOP_ON_EXIT="${RAY_STOP_ON_EXIT:-1}"
 
 # ---- helpers ----------------------------------------------------------------------------
+declare -A RUN=()  # the parsed command's values, set by rft_resolve
+RFT_EXIT_FAILED=1
+RFT_EXIT_REFUSED=2
+RFT_EXIT_NOT_READY=3
+
+# rft_die CODE MESSAGE: the one line of a refusal, then exit CODE.
 rft_die() {
+  local code="$1"
+  shift
   echo "train_grpo_$MODEL_SIZE: $*" >&2
-  exit 1
+  exit "$code"
 }
 
 rft_ok() {
   echo "check: $*"
 }
-
-# OpenRLHF flags the launcher reads back from "$@" so that its checks, the pre-flight and the
-# manifest use the values the run will use. Spell them in full: argparse would accept an
-# abbreviation, the launcher refuses it.
-declare -A RFT_TRACKED=(
-  [--pretrain]=MODEL_PATH
-  [--actor_learning_rate]=LR
-  [--init_kl_coef]=INIT_KL_COEF
-  [--lora_rank]=LORA_RANK
-  [--n_samples_per_prompt]=N_SAMPLES
-  [--train_batch_size]=TRAIN_BATCH_SIZE
-  [--rollout_batch_size]=ROLLOUT_BATCH_SIZE
-  [--num_episodes]=NUM_EPISODES
-  [--max_epochs]=MAX_EPOCHS
-  [--lr_warmup_ratio]=WARMUP_RATIO
-  [--max_samples]=MAX_SAMPLES
-  [--lr_scheduler]=LR_SCHEDULER
-  [--prompt_data]=PROMPT_DATA
-  [--eval_dataset]=EVAL_DATASET
-  [--save_path]=SAVE_PATH
-  [--ckpt_path]=CKPT_PATH
-  [--actor_num_nodes]=ACTOR_NUM_NODES
-  [--actor_num_gpus_per_node]=ACTOR_GPUS_PER_NODE
-  [--vllm_num_engines]=VLLM_NUM_ENGINES
-  [--vllm_tensor_parallel_size]=VLLM_TP
-  [--remote_rm_url]=REWARD_FUNC
-)
-# Flags whose value is a path: made absolute, because the Ray job runs in another directory.
-RFT_PATH_FLAGS=" --prompt_data --eval_dataset --save_path --ckpt_path --remote_rm_url "
 
 rft_abspath() {
   case "$1" in
@@ -156,47 +140,18 @@ rft_abspath() {
   esac
 }
 
-# Reads "$@" into USER_ARGS (paths made absolute) and applies tracked flags to the settings.
-# Sets DRY_RUN; handles --help.
-rft_parse_args() {
+# The launcher's own options (--dry-run, --help); every other argument is OpenRLHF's, unread here:
+# OpenRLHF's parser reads the whole command in rft_resolve.
+rft_launcher_args() {
   DRY_RUN=0
   USER_ARGS=()
-  local args=("$@") i=0 arg name value has_eq key
-  while ((i < ${#args[@]})); do
-    arg="${args[i]}"
-    i=$((i + 1))
+  local arg
+  for arg in "$@"; do
     case "$arg" in
-      --dry-run) DRY_RUN=1; continue ;;
+      --dry-run) DRY_RUN=1 ;;
       -h | --help) rft_usage; exit 0 ;;
-      --*) ;;
-      *) USER_ARGS+=("$arg"); continue ;;
+      *) USER_ARGS+=("$arg") ;;
     esac
-    name="${arg%%=*}"
-    has_eq=0
-    [[ "$arg" == *=* ]] && has_eq=1
-    if [[ -z "${RFT_TRACKED[$name]+set}" ]]; then
-      for key in "${!RFT_TRACKED[@]}"; do
-        if [[ "$key" == "$name"?* ]]; then
-          rft_die "argument $name: write $key in full (the launcher reads it to check the run)"
-        fi
-      done
-      USER_ARGS+=("$arg")
-      continue
-    fi
-    if ((has_eq)); then
-      value="${arg#*=}"
-    elif ((i < ${#args[@]})); then
-      value="${args[i]}"
-      i=$((i + 1))
-    else
-      rft_die "argument $name expects a value"
-    fi
-    if [[ "$RFT_PATH_FLAGS" == *" $name "* && -n "$value" ]] ||
-      [[ "$name" == --pretrain && -e "$value" ]]; then  # a local model dir, not a hub id
-      value="$(rft_abspath "$value")"
-    fi
-    printf -v "${RFT_TRACKED[$name]}" '%s' "$value"
-    USER_ARGS+=("$name" "$value")
   done
 }
 
@@ -291,63 +246,88 @@ rft_print_command() {
   printf '%s\n' "$line"
 }
 
-# ---- checks, in launch order ------------------------------------------------------------
-# Combinations OpenRLHF 0.9.3 accepts but cannot run.
-rft_check_args() {
-  local arg
-  for arg in "${USER_ARGS[@]}"; do
-    if [[ "$arg" == --enable_ema && ! "$LORA_RANK" =~ ^0*$ ]]; then
-      rft_die "argument --enable_ema: OpenRLHF 0.9.3's EMA update pairs the policy's parameters with the EMA model's by position, which fails with LoRA (--lora_rank $LORA_RANK); drop --enable_ema"
-    fi
+# ---- checks, in launch order; none creates anything --------------------------------------
+rft_tool() {
+  PYTHONPATH="$RFT_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON_BIN" -m rft.launch_tools "$@"
+}
+
+rft_check_python() {
+  if ! PYTHON_BIN="$(command -v "$PYTHON")"; then
+    rft_die "$RFT_EXIT_NOT_READY" "python: $PYTHON not found; set PYTHON to the interpreter that has openrlhf installed"
+  fi
+  PYTHON_BIN="$(rft_abspath "$PYTHON_BIN")"
+  if [[ -z "$RAY_BIN" ]]; then
+    RAY_BIN="$(dirname "$PYTHON_BIN")/ray"
+    [[ -x "$RAY_BIN" ]] || RAY_BIN=ray
+  fi
+  if ! "$PYTHON_BIN" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("openrlhf") is None)' 2>/dev/null; then
+    rft_die "$RFT_EXIT_NOT_READY" "python: $PYTHON_BIN cannot import openrlhf; activate the training environment or set PYTHON"
+  fi
+}
+
+# Every setting, then the whole command as OpenRLHF's own (patched) parser and validation read it,
+# then what rft knows cannot work (rft/launch_tools.py resolve). Sets TRAIN_CMD (paths made
+# absolute) and RUN, the parsed values the later checks read: no flag is re-parsed in shell.
+rft_resolve() {
+  local names=() name settings=() out rc=0
+  mapfile -t names < <(rft_tool setting-names)
+  for name in "${names[@]}"; do
+    settings+=(--setting "$name=${!name-}")
   done
+  rft_build_command
+  out="$(rft_tool resolve --cwd "$PWD" "${settings[@]}" \
+    --path "METRICS_LOG_DIR=$METRICS_LOG_DIR" --path "SAMPLES_LOG_DIR=$SAMPLES_LOG_DIR" \
+    --path "SPIKE_LOG_PATH=$SPIKE_LOG_PATH" --path "LOG_FILE=$LOG_FILE" \
+    --root "DATA_ROOT=$DATA_ROOT" --root "SCRATCH_ROOT=$SCRATCH_ROOT" -- "${TRAIN_CMD[@]}")" || rc=$?
+  if ((rc != 0)); then
+    rft_die "$rc" "${out:-could not check the command (the traceback above); is rft installed in $PYTHON_BIN?}"
+  fi
+  eval "$out"
 }
 
 rft_check_patches() {
-  if ! "$PYTHON_BIN" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("openrlhf") is None)' 2>/dev/null; then
-    rft_die "python: $PYTHON_BIN cannot import openrlhf; activate the training environment or set PYTHON"
-  fi
   if [[ ! -f "$APPLY_PATCHES" ]]; then
-    rft_die "patches: $APPLY_PATCHES not found; the OpenRLHF patches cannot be verified (set APPLY_PATCHES or restore it from git)"
+    rft_die "$RFT_EXIT_NOT_READY" "patches: $APPLY_PATCHES not found; the OpenRLHF patches cannot be verified (set APPLY_PATCHES or restore it from git)"
   fi
   PATCH_RC=0
   PATCH_STATUS="$(PYTHON="$PYTHON_BIN" bash "$APPLY_PATCHES" --status 2>&1)" || PATCH_RC=$?
-  if ((PATCH_RC != 0)); then
-    printf '%s\n' "$PATCH_STATUS" >&2
-    rft_die "patches: not every patch of patches/series is applied to the installed OpenRLHF; run: bash apply_patches.sh"
+  if ((PATCH_RC == 6)); then
+    printf '%s\n' "$PATCH_STATUS"
+    rft_die "$RFT_EXIT_NOT_READY" "rft: import rft in $PYTHON_BIN does not resolve to $RFT_ROOT, so the patched OpenRLHF would run another copy's hooks; run: $PYTHON_BIN -m pip install -e $RFT_ROOT (or bash setup_node.sh)"
+  elif ((PATCH_RC != 0)); then
+    printf '%s\n' "$PATCH_STATUS"
+    rft_die "$RFT_EXIT_NOT_READY" "patches: not every patch of patches/series is applied to the installed OpenRLHF; run: bash apply_patches.sh"
   fi
   rft_ok "patches applied ($APPLY_PATCHES --status)"
 }
 
+# Every row of the pool and of the eval set (rft/launch_tools.py check_data).
 rft_check_data() {
-  local f rows err
-  if [[ ! -f "$REWARD_FUNC" ]]; then
-    rft_die "reward: $REWARD_FUNC not found; set REWARD_FUNC to the reward module (it must define reward_func)"
-  fi
-  for f in "$PROMPT_DATA" ${EVAL_DATASET:+"$EVAL_DATASET"}; do
+  local f rows max="${RUN[max_samples]}"
+  for f in "${RUN[prompt_data]}" ${RUN[eval_dataset]:+"${RUN[eval_dataset]}"}; do
     if ! rows="$(rft_tool check-data "$f" --keys input,label 2>&1)"; then
-      err="${rows##*$'\n'}"
-      rft_die "data: $err"
+      rft_die "$RFT_EXIT_REFUSED" "data: ${rows##*$'\n'}"
     fi
     rft_ok "data $f: $rows rows"
-    if [[ "$f" == "$PROMPT_DATA" ]]; then
+    if [[ "$f" == "${RUN[prompt_data]}" ]]; then
       POOL_ROWS="$rows"
-    elif ((rows > MAX_SAMPLES)); then
-      rft_die "data: $f has $rows rows but --max_samples $MAX_SAMPLES also cuts the eval set to its first $MAX_SAMPLES in OpenRLHF 0.9.3; raise MAX_SAMPLES or shorten the eval set"
+    elif ((rows > max)); then
+      rft_die "$RFT_EXIT_REFUSED" "data: $f has $rows rows but --max_samples ${RUN[max_samples]} also cuts the eval set to its first ${RUN[max_samples]} in OpenRLHF 0.9.3; raise MAX_SAMPLES or shorten the eval set"
     fi
   done
 }
 
+# The pre-flight's inputs, from the parsed command.
+rft_preflight() {
+  env POOL="$POOL_ROWS" NS="${RUN[n_samples_per_prompt]}" TBS="${RUN[train_batch_size]}" \
+    EP="${RUN[num_episodes]}" WARMUP="${RUN[lr_warmup_ratio]}" LR="${RUN[actor_learning_rate]}" \
+    RBS="${RUN[rollout_batch_size]}" MAX_EPOCHS="${RUN[max_epochs]}" MAX_SAMPLES="${RUN[max_samples]}" \
+    PYTHON="$PYTHON_BIN" bash "$RFT_ROOT/preflight_lr.sh" "$@"
+}
+
 rft_check_preflight() {
-  PREFLIGHT_JSON="$(mktemp)"
-  local env=(POOL="$POOL_ROWS" NS="$N_SAMPLES" TBS="$TRAIN_BATCH_SIZE" EP="$NUM_EPISODES"
-    WARMUP="$WARMUP_RATIO" LR="$LR" RBS="$ROLLOUT_BATCH_SIZE" MAX_EPOCHS="$MAX_EPOCHS"
-    MAX_SAMPLES="$MAX_SAMPLES" PYTHON="$PYTHON_BIN")
-  if [[ "$LR_SCHEDULER" != cosine_with_min_lr ]]; then
-    rft_die "pre-flight: --lr_scheduler $LR_SCHEDULER: OpenRLHF 0.9.3 passes min_lr to every scheduler, which only cosine_with_min_lr accepts; drop the flag"
-  fi
-  env "${env[@]}" bash "$RFT_ROOT/preflight_lr.sh" --json >"$PREFLIGHT_JSON" 2>/dev/null || true
-  if ! env "${env[@]}" bash "$RFT_ROOT/preflight_lr.sh" --plot "$METRICS_LOG_DIR/lr_schedule.png"; then
-    rft_die "pre-flight: the LR schedule above must not be launched (see ABORT); fix the settings and retry"
+  if ! rft_preflight; then
+    rft_die "$RFT_EXIT_REFUSED" "pre-flight: the LR schedule above must not be launched (see ABORT); fix the settings and retry"
   fi
   rft_ok "pre-flight LR schedule"
 }
@@ -367,16 +347,16 @@ rft_free_gb() {
 
 rft_check_disk() {
   local spec path need free
-  for spec in "$CKPT_PATH:$MIN_FREE_GB_DATA" "$SAVE_PATH:$MIN_FREE_GB_DATA" \
+  for spec in "${RUN[ckpt_path]}:$MIN_FREE_GB_DATA" "${RUN[save_path]}:$MIN_FREE_GB_DATA" \
     "$METRICS_LOG_DIR:$MIN_FREE_GB_SCRATCH" "$SAMPLES_LOG_DIR:$MIN_FREE_GB_SCRATCH"; do
     path="${spec%:*}"
     need="${spec##*:}"
     free="$(rft_free_gb "$path")"
     if [[ "$free" == unwritable:* ]]; then
-      rft_die "disk: cannot write under ${free#unwritable:} (for $path); set DATA_ROOT / SCRATCH_ROOT to writable disks"
+      rft_die "$RFT_EXIT_NOT_READY" "disk: cannot write under ${free#unwritable:} (for $path); set DATA_ROOT / SCRATCH_ROOT to writable disks"
     fi
     if ((free < need)); then
-      rft_die "disk: $free GiB free for $path, need $need GiB; free space or point DATA_ROOT / SCRATCH_ROOT elsewhere"
+      rft_die "$RFT_EXIT_NOT_READY" "disk: $free GiB free for $path, need $need GiB; free space or point DATA_ROOT / SCRATCH_ROOT elsewhere"
     fi
     rft_ok "disk $path: $free GiB free (need $need)"
   done
@@ -384,8 +364,8 @@ rft_check_disk() {
 
 # GiB that the actor (and reference) processes of this node hold at once while they load.
 rft_host_gib_needed() {
-  local loads="$ACTOR_GPUS_PER_NODE"
-  if awk -v k="$INIT_KL_COEF" 'BEGIN { exit !(k + 0 > 0) }'; then
+  local loads="${RUN[actor_num_gpus_per_node]}"
+  if awk -v k="${RUN[init_kl_coef]}" 'BEGIN { exit !(k + 0 > 0) }'; then
     loads=$((loads * 2))
   fi
   echo "$((loads * HOST_GIB_PER_LOAD)) $loads"
@@ -416,12 +396,20 @@ rft_check_host_memory() {
   elif ((DRY_RUN)); then
     echo "warning: host memory: $line; a launch here would be refused"
   else
-    rft_die "host memory: $line; free memory, set INIT_KL_COEF=0 (no reference model), or lower HOST_GIB_PER_LOAD if the model is smaller"
+    rft_die "$RFT_EXIT_NOT_READY" "host memory: $line; free memory, set INIT_KL_COEF=0 (no reference model), or lower HOST_GIB_PER_LOAD if the model is smaller"
   fi
 }
 
+# GPUs the layout takes: actor ranks (the reference model shares them) + vLLM engines x TP.
+rft_gpus_needed() {
+  local nodes="${RUN[actor_num_nodes]}" per_node="${RUN[actor_num_gpus_per_node]}"
+  local engines="${RUN[vllm_num_engines]}" tp="${RUN[vllm_tensor_parallel_size]}"
+  echo "$((nodes * per_node + engines * tp))"
+}
+
 rft_check_gpus() {
-  local need=$((ACTOR_NUM_NODES * ACTOR_GPUS_PER_NODE + VLLM_NUM_ENGINES * VLLM_TP)) out n line idx used
+  local need out n idx used
+  need="$(rft_gpus_needed)"
   if [[ "${RFT_CPU_STAND_INS:-0}" == 1 ]]; then
     rft_ok "GPUs: none used (CPU run, rft/cpu_stand_ins.py); Ray gets $need logical GPUs"
     return
@@ -431,40 +419,70 @@ rft_check_gpus() {
     return
   fi
   if ! command -v nvidia-smi >/dev/null 2>&1; then
-    rft_die "GPUs: nvidia-smi not found; this machine has no NVIDIA driver ($need GPUs needed)"
+    rft_die "$RFT_EXIT_NOT_READY" "GPUs: nvidia-smi not found; this machine has no NVIDIA driver ($need GPUs needed)"
   fi
   if ! out="$(nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits 2>&1)"; then
-    rft_die "GPUs: nvidia-smi failed: ${out##*$'\n'}"
+    rft_die "$RFT_EXIT_NOT_READY" "GPUs: nvidia-smi failed: ${out##*$'\n'}"
   fi
   n=0
   while IFS=', ' read -r idx used; do
     [[ -z "$idx" ]] && continue
     n=$((n + 1))
     if ((used > MAX_GPU_MEM_USED_MIB)); then
-      rft_die "GPUs: GPU $idx already has $used MiB in use (another job?); see nvidia-smi, or raise MAX_GPU_MEM_USED_MIB"
+      rft_die "$RFT_EXIT_NOT_READY" "GPUs: GPU $idx already has $used MiB in use (another job?); see nvidia-smi, or raise MAX_GPU_MEM_USED_MIB"
     fi
   done <<<"$out"
   if ((n < need)); then
-    rft_die "GPUs: $n visible, the layout needs $need (actor $ACTOR_NUM_NODES x $ACTOR_GPUS_PER_NODE + vLLM $VLLM_NUM_ENGINES x $VLLM_TP)"
+    rft_die "$RFT_EXIT_NOT_READY" "GPUs: $n visible, the layout needs $need (actor ${RUN[actor_num_nodes]} x ${RUN[actor_num_gpus_per_node]} + vLLM ${RUN[vllm_num_engines]} x ${RUN[vllm_tensor_parallel_size]})"
   fi
-  line="$n visible, $need needed"
-  rft_ok "GPUs: $line"
+  rft_ok "GPUs: $n visible, $need needed"
+}
+
+# ---- after the checks: the run's folders, its log, Ray ----------------------------------
+# Until the checks pass, the output goes to the terminal and to a temp file only; here the
+# run's folders are created, the temp file starts the run's log, and the log follows the rest.
+rft_capture_early_output() {
+  RFT_EARLY_LOG="$(mktemp "${TMPDIR:-/tmp}/rft-launch.XXXXXX")"
+  exec 3>&1 4>&2
+  exec > >(tee -a "$RFT_EARLY_LOG")
+  RFT_TEE_PIDS=("$!")
+  exec 2> >(tee -a "$RFT_EARLY_LOG" >&2)
+  RFT_TEE_PIDS+=("$!")
+}
+
+rft_open_log() {
+  # The metrics patches read these variables inside the Ray actors.
+  export METRICS_LOG_DIR SAMPLES_LOG_DIR SPIKE_LOG_PATH
+  export PYTHONUNBUFFERED=1
+  if ! mkdir -p "$METRICS_LOG_DIR" "$SAMPLES_LOG_DIR" "$(dirname "$SPIKE_LOG_PATH")" "$(dirname "$LOG_FILE")" 2>/dev/null; then
+    rft_die "$RFT_EXIT_NOT_READY" "metrics: cannot create $METRICS_LOG_DIR or $SAMPLES_LOG_DIR; set SCRATCH_ROOT to a writable disk"
+  fi
+  exec 1>&3 2>&4
+  wait "${RFT_TEE_PIDS[@]}" 2>/dev/null || true
+  cat "$RFT_EARLY_LOG" >>"$LOG_FILE"
+  rm -f "$RFT_EARLY_LOG"
+  exec > >(tee -a "$LOG_FILE")
+  RFT_TEE_PIDS=("$!")
+  exec 2> >(tee -a "$LOG_FILE" >&2)
+  RFT_TEE_PIDS+=("$!")
+  echo "log: $LOG_FILE"
 }
 
 rft_check_ray() {
   if [[ -z "${RAY_ADDRESS:-}" ]]; then
-    local need=$((ACTOR_NUM_NODES * ACTOR_GPUS_PER_NODE + VLLM_NUM_ENGINES * VLLM_TP)) out
+    local need out
+    need="$(rft_gpus_needed)"
     # Started after the exports above, so every Ray worker inherits them.
     if ! out="$("$RAY_BIN" start --head --num-gpus "$need" ${RAY_NUM_CPUS:+--num-cpus "$RAY_NUM_CPUS"} --dashboard-host 127.0.0.1 \
       --dashboard-port "$RAY_DASHBOARD_PORT" --disable-usage-stats 2>&1)"; then
-      printf '%s\n' "$out" >&2
-      rft_die "Ray: could not start a local head (already running? then set RAY_ADDRESS=http://127.0.0.1:$RAY_DASHBOARD_PORT)"
+      printf '%s\n' "$out"
+      rft_die "$RFT_EXIT_NOT_READY" "Ray: could not start a local head (already running? then set RAY_ADDRESS=http://127.0.0.1:$RAY_DASHBOARD_PORT)"
     fi
     RAY_ADDRESS="http://127.0.0.1:$RAY_DASHBOARD_PORT"
     RFT_RAY_STARTED=1
   fi
   if ! timeout 60 "$RAY_BIN" job list --address "$RAY_ADDRESS" >/dev/null 2>&1; then
-    rft_die "Ray: no job server at $RAY_ADDRESS; RAY_ADDRESS must be the dashboard address (http://head:8265)"
+    rft_die "$RFT_EXIT_NOT_READY" "Ray: no job server at $RAY_ADDRESS; RAY_ADDRESS must be the dashboard address (http://head:8265)"
   fi
   rft_ok "Ray reachable at $RAY_ADDRESS"
 }
@@ -473,9 +491,7 @@ rft_check_ray() {
 # last line (often the reason for a refusal) is on the terminal before the prompt returns.
 rft_on_exit() {
   local rc=$?
-  if [[ -n "${PREFLIGHT_JSON:-}" ]]; then
-    rm -f "$PREFLIGHT_JSON"
-  fi
+  rm -f "${PREFLIGHT_JSON:-}" "${RFT_EARLY_LOG:-}"
   if [[ "${RFT_RAY_STARTED:-0}" == 1 && "$RAY_STOP_ON_EXIT" == 1 ]]; then
     "$RAY_BIN" stop >/dev/null 2>&1 || true
   fi
@@ -484,62 +500,40 @@ rft_on_exit() {
   exit "$rc"
 }
 
-rft_tool() {
-  PYTHONPATH="$RFT_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON_BIN" -m rft.launch_tools "$@"
-}
-
+# The manifest records the command; the arguments OpenRLHF parses from it (openrlhf_args) and
+# the run-log paths are read from it and from the runtime env by rft/launch_tools.py. The
+# settings below are the launcher's own, which no OpenRLHF flag carries.
 rft_write_manifest() {
-  local settings=() name
-  for name in MODEL_SIZE MODEL_PATH LR INIT_KL_COEF LORA_RANK LORA_ALPHA ROLLOUT_BATCH_SIZE \
-    TRAIN_BATCH_SIZE GENERATE_MAX_LEN WARMUP_RATIO NUM_EPISODES MAX_SAMPLES OFFLOAD N_SAMPLES \
-    MICRO_ROLLOUT_BATCH_SIZE MICRO_TRAIN_BATCH_SIZE MAX_EPOCHS EPS_CLIP PROMPT_DATA EVAL_DATASET \
-    DATA_ROOT SCRATCH_ROOT SAVE_PATH CKPT_PATH ACTOR_NUM_NODES ACTOR_GPUS_PER_NODE VLLM_NUM_ENGINES \
-    VLLM_TP VLLM_GPU_MEM_UTIL ATTN_IMPLEMENTATION HOST_GIB_PER_LOAD; do
+  local settings=() name submit flags=()
+  for name in MODEL_SIZE RUN_NAME DATA_ROOT SCRATCH_ROOT HOST_GIB_PER_LOAD MIN_FREE_GB_DATA \
+    MIN_FREE_GB_SCRATCH MAX_GPU_MEM_USED_MIB; do
     settings+=(--setting "$name=${!name}")
   done
-  local submit flags=()
+  PREFLIGHT_JSON="$(mktemp "${TMPDIR:-/tmp}/rft-preflight.XXXXXX")"
+  rft_preflight --json --plot "$METRICS_LOG_DIR/lr_schedule.png" >"$PREFLIGHT_JSON" 2>/dev/null || true
   submit="$(IFS=$'\x1f'; printf '%s' "${SUBMIT_CMD[*]}")"
   if ((DRY_RUN)); then flags+=(--dry-run); fi
   rft_tool manifest --out "$METRICS_LOG_DIR/run_manifest.json" --run-name "$RUN_NAME" \
-    --repo "$RFT_ROOT" "${flags[@]}" --submit "$submit" \
+    --repo "$RFT_ROOT" "${flags[@]}" --submit "$submit" --log-file "$LOG_FILE" \
     --patch-rc "$PATCH_RC" --patch-status="$PATCH_STATUS" --preflight-json "$PREFLIGHT_JSON" \
     "${settings[@]}" --env METRICS_LOG_DIR --env SAMPLES_LOG_DIR --env SPIKE_LOG_PATH \
     --env RAY_ADDRESS --env PYTHONUNBUFFERED --env HF_HOME -- "${TRAIN_CMD[@]}" ||
-    rft_die "manifest: could not write $METRICS_LOG_DIR/run_manifest.json"
+    rft_die "$RFT_EXIT_NOT_READY" "manifest: could not write $METRICS_LOG_DIR/run_manifest.json"
   echo "manifest: $METRICS_LOG_DIR/run_manifest.json"
 }
 
 # ---- main -------------------------------------------------------------------------------
 grpo_main() {
-  rft_parse_args "$@"
-  if ! PYTHON_BIN="$(command -v "$PYTHON")"; then
-    rft_die "python: $PYTHON not found; set PYTHON to the interpreter that has openrlhf installed"
-  fi
-  PYTHON_BIN="$(rft_abspath "$PYTHON_BIN")"
-  if [[ -z "$RAY_BIN" ]]; then
-    RAY_BIN="$(dirname "$PYTHON_BIN")/ray"
-    [[ -x "$RAY_BIN" ]] || RAY_BIN=ray
-  fi
+  rft_launcher_args "$@"
+  trap rft_on_exit EXIT
+  rft_capture_early_output
+  echo "== train_grpo_$MODEL_SIZE $(date -u +%Y-%m-%dT%H:%M:%SZ) run $RUN_NAME$( ((DRY_RUN)) && echo ' (dry run)')"
   PROMPT_DATA="$(rft_abspath "$PROMPT_DATA")"
   REWARD_FUNC="$(rft_abspath "$REWARD_FUNC")"
   if [[ -n "$EVAL_DATASET" ]]; then EVAL_DATASET="$(rft_abspath "$EVAL_DATASET")"; fi
 
-  # Metrics and logs first, so that the log records why a launch was refused.
-  # The metrics patches read these variables inside the Ray actors.
-  export METRICS_LOG_DIR SAMPLES_LOG_DIR SPIKE_LOG_PATH
-  export PYTHONUNBUFFERED=1
-  if ! mkdir -p "$METRICS_LOG_DIR" "$SAMPLES_LOG_DIR" "$(dirname "$SPIKE_LOG_PATH")" "$(dirname "$LOG_FILE")" 2>/dev/null; then
-    rft_die "metrics: cannot create $METRICS_LOG_DIR or $SAMPLES_LOG_DIR; set SCRATCH_ROOT to a writable disk"
-  fi
-  exec > >(tee -a "$LOG_FILE")
-  RFT_TEE_PIDS=("$!")
-  exec 2> >(tee -a "$LOG_FILE" >&2)
-  RFT_TEE_PIDS+=("$!")
-  trap rft_on_exit EXIT
-  echo "== train_grpo_$MODEL_SIZE $(date -u +%Y-%m-%dT%H:%M:%SZ) run $RUN_NAME$( ((DRY_RUN)) && echo ' (dry run)')"
-  echo "log: $LOG_FILE"
-
-  rft_check_args
+  rft_check_python
+  rft_resolve
   rft_check_patches
   rft_check_data
   rft_check_preflight
@@ -549,10 +543,12 @@ grpo_main() {
     echo "check: GPUs and Ray skipped (dry run)"
   else
     rft_check_gpus
-    rft_check_ray
   fi
 
-  rft_build_command
+  rft_open_log
+  if ((!DRY_RUN)); then
+    rft_check_ray
+  fi
   local runtime_env
   # The run-log paths always; the patches' optional knobs and the HF cache settings when set.
   runtime_env="$(rft_tool runtime-env METRICS_LOG_DIR SAMPLES_LOG_DIR SPIKE_LOG_PATH PYTHONUNBUFFERED \
@@ -579,8 +575,8 @@ rft_submit() {
   until out="$("${SUBMIT_CMD[@]:0:3}" --no-wait "${SUBMIT_CMD[@]:3}" "${TRAIN_CMD[@]}" 2>&1)"; do
     tries=$((tries + 1))
     if [[ "$out" != *"No available agent"* ]] || ((tries >= 60)); then
-      printf '%s\n' "$out" >&2
-      rft_die "Ray: could not submit the job to $RAY_ADDRESS (see above)"
+      printf '%s\n' "$out"
+      rft_die "$RFT_EXIT_FAILED" "Ray: could not submit the job to $RAY_ADDRESS (see above)"
     fi
     sleep 2
   done
@@ -597,7 +593,7 @@ rft_submit() {
     status="${BASH_REMATCH[1]}"
   fi
   if [[ "$status" != SUCCEEDED ]]; then
-    rft_die "job $SUBMISSION_ID: ${status:-status unknown}; see $LOG_FILE and ray job logs $SUBMISSION_ID"
+    rft_die "$RFT_EXIT_FAILED" "job $SUBMISSION_ID: ${status:-status unknown}; see $LOG_FILE and ray job logs $SUBMISSION_ID"
   fi
   echo "job $SUBMISSION_ID succeeded"
 }

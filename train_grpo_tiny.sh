@@ -73,6 +73,9 @@ if [[ " $* " != *" --help "* && " $* " != *" -h "* ]]; then
   fi
   # The model, the task and the patched OpenRLHF copy (skipped when up to date).
   PYTHONPATH="$RFT_ROOT" "$PYTHON" -m rft.tiny "$TINY_DIR"
+  # The launcher refuses a storage root that does not exist (a missing mount on a node); here
+  # both are folders of the build.
+  mkdir -p "$DATA_ROOT" "$SCRATCH_ROOT"
   export PYTHONPATH="$TINY_DIR/site:$RFT_ROOT/rft/cpu_site:$RFT_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 fi
 

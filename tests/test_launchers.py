@@ -75,7 +75,7 @@ def _jsonl(path: Path, rows: int, keys=("input", "label")) -> Path:
 class Bed:
     """Temp dirs, data and fake tools for one launcher run."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, openrlhf_root: Path):
         self.root = root
         self.bin = root / "bin"
         self.bin.mkdir()
@@ -91,8 +91,13 @@ class Bed:
             found = shutil.which(tool)
             if found:
                 (self.bin / tool).symlink_to(found)
+        # the storage roots exist, as mounted disks do; the run's folders under them do not yet
+        (root / "mnt_data").mkdir()
+        (root / "mnt_scratch").mkdir()
         self.env = {
             "PATH": str(self.bin),
+            # the launcher's python finds the patched copy of openrlhf first, as on a node
+            "PYTHONPATH": str(openrlhf_root),
             "HOME": str(root),
             "PYTHON": sys.executable,
             # never the real ray (it would start a cluster on this machine): a fake, or nothing
@@ -143,8 +148,8 @@ class Bed:
 
 
 @pytest.fixture
-def bed(tmp_path) -> Bed:
-    return Bed(tmp_path)
+def bed(tmp_path, patched_root) -> Bed:
+    return Bed(tmp_path, patched_root)
 
 
 def last_line(proc: subprocess.CompletedProcess) -> str:
