@@ -23,6 +23,7 @@ EXPECTED = {
     "grad_spike": (1, {"grad_norm": "warn"}),
     "runaway_truncation": (2, {"truncation": "stop"}),
     "eval_divergence": (2, {"held-out eval": "stop"}),
+    "diverged": (2, {"non-finite values": "stop"}),  # grad_norm and entropy must not say ok
 }
 
 
