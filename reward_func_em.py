@@ -60,6 +60,7 @@ Safety
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 import sys
@@ -68,6 +69,7 @@ from decimal import Decimal, InvalidOperation
 
 __all__ = [
     "EXTRA_LOG_KEYS",
+    "TEXT_LOG_KEYS",
     "answers_match",
     "extract_answer",
     "extract_final_text",
@@ -75,6 +77,7 @@ __all__ = [
     "reward_func",
     "reward_stats",
     "score_response",
+    "score_with_answer",
     "strip_prompt",
 ]
 
@@ -157,6 +160,13 @@ EXTRA_LOG_KEYS = (
     "reward_error",  # 1.0 when the sample could not be scored properly (bad input type, empty label, internal error)
 )
 """The ``extra_logs`` keys, identical for every sample and distinct from OpenRLHF's own info keys."""
+
+TEXT_LOG_KEYS = ("extracted_answer",)
+"""``extra_logs`` keys whose value is text (or None): the answer the reward compared, as extracted.
+
+They leave the reward once, beside the numbers, so the trainer's samples log shows what was
+scored without parsing the response again. They are never averaged: rft's patched experience
+maker carries them outside the numeric logs (OpenRLHF 0.9.3 itself accepts numbers only)."""
 
 _DIGITS = "0123456789"
 _LEADING_SPACE_RE = re.compile(r"\s*")
@@ -561,6 +571,10 @@ def _normalize(value) -> tuple[str, bool]:
     """``(canonical string, is_number)``; ``("", False)`` for anything unusable."""
     if isinstance(value, bool) or value is None:
         return "", False
+    if isinstance(value, numbers.Number) and not isinstance(value, (int, float)) and callable(getattr(value, "item", None)):
+        value = value.item()  # a numpy integer or float scalar (a label read from parquet): its Python number
+    if isinstance(value, bool):
+        return "", False
     if isinstance(value, int):
         value = str(value)
     elif isinstance(value, float):
@@ -707,11 +721,23 @@ def score_response(response: str, label) -> dict:
     >>> r["reward"], r["parse_method"], r["has_final_channel"]
     (1.0, 2.0, 1.0)
     """
+    return score_with_answer(response, label)[0]
+
+
+def score_with_answer(response: str, label) -> tuple[dict, str | None]:
+    """:func:`score_response` and the answer it compared, as extracted (None when there is none).
+
+    Never raises. The answer is the raw text of the box or number, before normalization.
+
+    >>> result, answer = score_with_answer("<|channel|>final<|message|>So \\\\boxed{1{,}024}.<|return|>", "1024")
+    >>> result["reward"], answer
+    (1.0, '1{,}024')
+    """
     try:
-        return _score(response, label)[0]
+        return _score(response, label)
     except Exception:  # noqa: BLE001
         _COUNTERS.add_failure()
-        return _empty_result(error=True)
+        return _empty_result(error=True), None
 
 
 def _debug_line(number: int, response, label, result: dict, answer) -> None:
@@ -734,7 +760,7 @@ def _as_list(value) -> list:
     return [value]
 
 
-def _score_sample(query, prompt, label) -> dict:
+def _score_sample(query, prompt, label) -> tuple[dict, str | None]:
     try:
         response = strip_prompt(query, prompt)
         result, answer = _score(response, label)
@@ -746,23 +772,24 @@ def _score_sample(query, prompt, label) -> dict:
     number = _COUNTERS.add_call()
     if DEBUG_EVERY > 0 and number % DEBUG_EVERY == 0:
         _debug_line(number, response, label, result, answer)
-    return result
+    return result, answer if isinstance(answer, str) else None
 
 
 def reward_func(queries, prompts, labels, **kwargs) -> dict:
     """OpenRLHF's entry point: score each query (prompt + response) against its label.
 
     OpenRLHF 0.9.3 passes lists of length 1; the result then holds Python floats,
-    which its experience maker turns into shape-[1] tensors::
+    which its experience maker turns into shape-[1] tensors, and the extracted answer
+    (:data:`TEXT_LOG_KEYS`), which rft's patched experience maker carries to the samples log::
 
-        {"rewards": 1.0, "scores": 1.0, "extra_logs": {"correctness": 1.0, ...}}
+        {"rewards": 1.0, "scores": 1.0, "extra_logs": {"correctness": 1.0, ..., "extracted_answer": "7"}}
 
-    For longer lists every value is a list of floats, one per sample. Missing
+    For longer lists every value is a list, one item per sample. Missing
     prompts or labels count as empty. Never raises.
 
     >>> out = reward_func(["Solve.<|start|>assistant<|channel|>final<|message|>\\\\boxed{7}<|return|>"], ["Solve."], ["7"])
-    >>> out["rewards"], out["scores"], out["extra_logs"]["parse_method"]
-    (1.0, 1.0, 2.0)
+    >>> out["rewards"], out["scores"], out["extra_logs"]["parse_method"], out["extra_logs"]["extracted_answer"]
+    (1.0, 1.0, 2.0, '7')
     """
     try:
         qs, ps, ls = _as_list(queries), _as_list(prompts), _as_list(labels)
@@ -772,9 +799,10 @@ def reward_func(queries, prompts, labels, **kwargs) -> dict:
         ]
     except Exception:  # noqa: BLE001
         _COUNTERS.add_failure()
-        results = [_empty_result(error=True)]
-    rewards = [r["reward"] for r in results]
-    logs = {key: [r[key] for r in results] for key in EXTRA_LOG_KEYS}
+        results = [(_empty_result(error=True), None)]
+    rewards = [r["reward"] for r, _ in results]
+    logs = {key: [r[key] for r, _ in results] for key in EXTRA_LOG_KEYS}
+    logs["extracted_answer"] = [answer for _, answer in results]
     if len(results) == 1:
         return {"rewards": rewards[0], "scores": rewards[0], "extra_logs": {k: v[0] for k, v in logs.items()}}
     return {"rewards": rewards, "scores": list(rewards), "extra_logs": logs}

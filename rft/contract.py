@@ -11,7 +11,7 @@ OpenRLHF loads it from its file path (``--remote_rm_url``). They are re-exported
 
 from __future__ import annotations
 
-from reward_func_em import EXTRA_LOG_KEYS, PARSE_METHOD_CODES
+from reward_func_em import EXTRA_LOG_KEYS, PARSE_METHOD_CODES, TEXT_LOG_KEYS
 
 # ----------------------------------------------------------------------------- run files
 METRICS_FILE = "training_metrics.jsonl"

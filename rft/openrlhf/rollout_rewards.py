@@ -58,10 +58,10 @@ def finite_reward(value: Any) -> Optional[float]:
     return number if math.isfinite(number) else None
 
 
-def guard_rewards(reward: Any, score: Any, rewards_in_rollout: bool) -> tuple[Any, Any, Optional[bool]]:
+def guard_rewards(reward: Any, score: Any, rewards_in_rollout: Any) -> tuple[Any, Any, Optional[bool]]:
     """``(reward, score, failed)`` to build the sample from.
 
-    With rewards computed in the rollout (``--remote_rm_url``) an unusable reward becomes 0.0, a
+    With rewards computed in the rollout (``rewards_in_rollout`` truthy: the ``--remote_rm_url`` list) an unusable reward becomes 0.0, a
     missing score takes the reward (as ``utils/agent.py`` does), an unusable one becomes 0.0, and
     ``failed`` says whether either was unusable. Without it a reward model scores the batch later,
     so None stays None and ``failed`` is None (nothing to count).
