@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed
 
+from rft.openrlhf.rollout_stats import prompt_token_hashes
 from rft.openrlhf.stats import quantile_linear
 
 logger = logging.getLogger(__name__)
@@ -70,12 +71,6 @@ def _fold(acc: dict[str, float], key: str, value: float, op: Callable[[float, fl
 
 def _ratio_op(key: str) -> Callable[[float, float], float]:
     return max if key in RATIO_MAX_KEYS else min
-
-
-def _prompt_hashes(sequences: torch.Tensor, action_mask: torch.Tensor) -> list[str]:
-    from openrlhf.trainer.ppo_utils.experience_maker import prompt_token_hashes
-
-    return prompt_token_hashes(sequences, action_mask)
 
 
 class ActorStepMetrics:
@@ -131,7 +126,7 @@ class ActorStepMetrics:
         tokens = getattr(loss_fn, "tokens_in_batch", None)
         if tokens is not None:
             self.tokens += float(tokens)
-        self.pending_hashes.extend(_prompt_hashes(experience.sequences, experience.action_mask))
+        self.pending_hashes.extend(prompt_token_hashes(experience.sequences, experience.action_mask))
 
     def optimizer_stepped(self, engine: Any) -> None:
         """After ``strategy.optimizer_step``: close a record if that step was an accumulation boundary."""

@@ -239,10 +239,10 @@ class LoraSync:
         Rank 0 catches its own failure and still reaches the metrics broadcast, so that the
         other ranks raise with it instead of waiting there forever.
         """
-        rank = torch.distributed.get_rank()
         lora_params = [(name, param) for name, param in model.named_parameters() if is_lora_weight_name(name)]
         if not lora_params:
             raise RuntimeError("--lora_rank > 0 but the actor has no lora_A/lora_B weights; check --target_modules")
+        rank = torch.distributed.get_rank()
         metrics, error = dict.fromkeys(LORA_SYNC_METRICS, 0.0), None
         _cuda_sync()
         start = time.perf_counter()
