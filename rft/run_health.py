@@ -31,6 +31,7 @@ from rft.contract import (
     SAMPLES_GLOB,
     SPIKE_FILE,
 )
+from rft.launch_tools import MANIFEST_ARGS, MANIFEST_RUN_LOGS
 
 __all__ = ["METRICS_FILE", "SPIKE_FILE", "RunPaths", "Run", "load_run", "evaluate_run", "write_dashboard"]
 
@@ -269,9 +270,10 @@ def relocate(recorded: str, recorded_dir: str | None, metrics_dir: Path) -> Path
 def run_paths(metrics_dir: Path, metrics_file: Path | None = None) -> tuple[RunPaths, list[str]]:
     """The run's files, from ``run_manifest.json`` when it is there; problems with the manifest.
 
-    Accepts the launcher's layout (``env`` holds METRICS_LOG_DIR, SAMPLES_LOG_DIR and
-    SPIKE_LOG_PATH, ``command`` the trainer's arguments) and a ``paths`` object with
-    ``metrics_dir``, ``spike_log`` and ``samples_dir``, which wins where both are present.
+    Accepts the launcher's layouts (``run_logs`` or ``env`` hold METRICS_LOG_DIR,
+    SAMPLES_LOG_DIR and SPIKE_LOG_PATH; ``openrlhf_args`` the parsed trainer arguments,
+    ``command`` the raw ones) and a ``paths`` object with ``metrics_dir``, ``spike_log`` and
+    ``samples_dir``; the first of paths, run_logs and env that names a path wins.
     A missing manifest means the defaults; an unreadable one is a problem, as the defaults
     may then name the wrong spike log.
     """
@@ -287,17 +289,22 @@ def run_paths(metrics_dir: Path, metrics_file: Path | None = None) -> tuple[RunP
         return paths, [f"{RUN_MANIFEST}: unreadable ({why}); spike log and samples read from the default paths"]
     if not isinstance(manifest, dict):
         return paths, [f"{RUN_MANIFEST}: not a JSON object; spike log and samples read from the default paths"]
-    env, named = manifest.get("env"), manifest.get("paths")
-    recorded_dir = _text(named, "metrics_dir") or _text(env, ENV_METRICS_DIR)
-    spike = _text(named, "spike_log") or _text(env, ENV_SPIKE_PATH)
-    samples = _text(named, "samples_dir") or _text(env, ENV_SAMPLES_DIR)
+    named, logs, env = manifest.get("paths"), manifest.get(MANIFEST_RUN_LOGS), manifest.get("env")
+    recorded_dir = _text(named, "metrics_dir") or _text(logs, ENV_METRICS_DIR) or _text(env, ENV_METRICS_DIR)
+    spike = _text(named, "spike_log") or _text(logs, ENV_SPIKE_PATH) or _text(env, ENV_SPIKE_PATH)
+    samples = _text(named, "samples_dir") or _text(logs, ENV_SAMPLES_DIR) or _text(env, ENV_SAMPLES_DIR)
     if spike:
         paths.spike_log = relocate(spike, recorded_dir, metrics_dir)
     if samples:
         paths.samples_dir = relocate(samples, recorded_dir, metrics_dir)
-    save_steps = flag_value(manifest.get("command"), "--save_steps")
-    if save_steps is not None and re.fullmatch(r"-?\d+", save_steps.strip()):
-        paths.save_steps = int(save_steps)
+    parsed = manifest.get(MANIFEST_ARGS)
+    save_steps = parsed.get("save_steps") if isinstance(parsed, dict) else None
+    if save_steps is None:
+        save_steps = flag_value(manifest.get("command"), "--save_steps")
+    if isinstance(save_steps, str) and re.fullmatch(r"-?\d+", save_steps.strip()):
+        save_steps = int(save_steps)
+    if isinstance(save_steps, int) and not isinstance(save_steps, bool):
+        paths.save_steps = save_steps
     paths.source = str(manifest_path)
     return paths, []
 

@@ -214,6 +214,23 @@ def test_the_manifests_save_steps_names_the_checkpoint(tmp_path):
     assert "keep checkpoint global_step15" in proc.stdout, proc.stdout
 
 
+def test_the_launchers_run_logs_and_parsed_arguments_are_read(tmp_path):
+    """The launcher's manifest: run_logs holds the paths, openrlhf_args the parsed --save_steps."""
+    run_dir = synthetic_runs.write_run(tmp_path / "metrics", "grad_spike")
+    moved = tmp_path / "spikes.jsonl"
+    (run_dir / "spike_log.jsonl").rename(moved)
+    _manifest(
+        run_dir,
+        env={"SPIKE_LOG_PATH": str(run_dir / "spike_log.jsonl")},  # run_logs wins over env
+        run_logs={"METRICS_LOG_DIR": str(run_dir), "SAMPLES_LOG_DIR": None, "SPIKE_LOG_PATH": str(moved)},
+        openrlhf_args={"save_steps": 4},
+        command=["python3", "-m", "openrlhf.cli.train_ppo_ray", "--save_steps", "9"],
+    )
+    run = run_health.load_run(run_dir)
+    assert run.paths.spike_log == moved and [s["global_step"] for s in run.spikes] == [17]
+    assert run.paths.save_steps == 4
+
+
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", b"\xff\xfe"])
 def test_an_unreadable_manifest_is_a_warning_not_silence(tmp_path, text):
     run_dir = synthetic_runs.write_run(tmp_path, "healthy")
