@@ -46,6 +46,12 @@ METRICS: tuple[Metric, ...] = (
     _m("checkpoint_seconds", "s", "trainer", "Checkpoint save of this step (about 0 on steps without a save)."),
     _m("nonfinite_keys", "list", "trainer", "Keys whose value was NaN or infinite; written as null."),
     _m(
+        "metrics_records_lost",
+        "records",
+        "trainer",
+        "Step records lost before this one because the file could not be written (a full disk); only after a loss.",
+    ),
+    _m(
         "dynamic_filtering_pass_rate",
         "%",
         "trainer",
