@@ -8,15 +8,13 @@ The engine's ``collective_rpc`` arguments cross a msgpack round trip (and a
 pickle per worker for TP > 1), as they do in vLLM.
 
 What the groups prove:
-* payload: pack/unpack is bitwise exact (fp32, bf16, fp16; NaN, inf, -0.0,
-  subnormals), survives the msgpack crossing, and corrupt indexes fail loudly;
+* worker: the methods ``vllm_worker.patch`` adds do not collide with vLLM's Worker;
 * names: every attention LoRA weight of a PEFT gpt-oss model maps to a base
   checkpoint name and to the fused vLLM parameter it lands in;
-* TP merge: after 1, 2 and 50 random syncs every rank holds exactly the shard of
-  ``bf16(W0 + delta_N)`` (TP 1, 2 and 4 with replicated KV heads); every entry the
-  adapter does not touch stays bitwise equal; a zero adapter leaves W0 bitwise;
-  targets dropped by a later adapter return to W0; the evidence is right;
-* trainer side: the real ``_broadcast_lora_to_vllm`` gathers, packs and ships one
+* TP merge: the patched engine and worker reach ``rft.openrlhf.vllm_lora_delta`` and
+  merge exactly at TP 2 (the merge itself, the payload's crossing and every refusal are
+  unit-tested in ``tests/test_vllm_lora_delta.py``, at TP 1, 2 and 4);
+* trainer side: the patched ``broadcast_to_vllm`` (``rft.openrlhf.lora_sync``) gathers, packs and ships one
   buffer through a real local Ray object store into emulated engines, and over the
   model-update group (its broadcast emulated in process) into workers that receive it
   with ``receive="nccl"``;
@@ -38,6 +36,8 @@ import torch
 
 import oprl
 import tp_emulation as emu
+from rft.openrlhf import lora_sync
+from rft.openrlhf import vllm_lora_delta
 
 TINY = {"layers": 2, "hidden": 64, "heads": 8, "kv_heads": 2, "head_dim": 8}
 
@@ -75,7 +75,7 @@ def random_adapter(geo, targets, rank=4, seed=0, scale=2.0, magnitude=1.0, devic
 
 
 def adapter_payload(wrap, adapter, dtype=torch.float32):
-    """The spec and bytes the trainer sends (same format as ``ppo_actor._broadcast_lora_to_vllm``)."""
+    """The spec and bytes the trainer sends (as ``rft.openrlhf.lora_sync.LoraSync.pack`` packs it)."""
     named, targets = [], []
     for name, (a, b, scale) in adapter.items():
         named += [(f"{name}:A", a.to(dtype)), (f"{name}:B", b.to(dtype))]
@@ -109,44 +109,7 @@ def make_ranks(wrap, geo, tp, checkpoint, device="cpu"):
     return models, workers
 
 
-# ----------------------------------------------------------------------------- payload
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_pack_unpack_is_bitwise_exact_through_msgpack(wrap, dtype):
-    gen = torch.Generator().manual_seed(1)
-    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-40, -1e-45])
-    tensors = [
-        ("a", torch.cat([torch.randn(37, generator=gen), special]).to(dtype)),
-        ("b", torch.randn(5, 3, 7, generator=gen).to(dtype)),
-        ("empty", torch.zeros(0, 4, dtype=dtype)),
-        ("scalar", torch.tensor(3.25, dtype=dtype)),
-    ]
-    buffer, entries = wrap.pack_tensors(tensors)
-    assert buffer.dtype == torch.uint8 and buffer.dim() == 1
-    assert all(offset % wrap.PACK_ALIGN == 0 for _, _, _, offset, _ in entries)
-    # crossing collective_rpc: the index stays plain lists, the buffer stays bytes
-    crossed_entries, blob = emu.msgpack_roundtrip([entries, buffer.numpy().tobytes()])
-    assert isinstance(blob, bytes) and crossed_entries == entries
-    out = wrap.unpack_tensors(wrap.bytes_to_uint8(blob).clone(), crossed_entries)
-    for name, tensor in tensors:
-        assert out[name].dtype == dtype and out[name].shape == tensor.shape
-        assert torch.equal(bits(out[name]), bits(tensor)), name
-
-
-def test_unpack_rejects_a_corrupt_index(wrap):
-    buffer, entries = wrap.pack_tensors([("w", torch.ones(4, 4))])
-    bad = [[entries[0][0], "float32", [4, 5], entries[0][3], entries[0][4]]]
-    with pytest.raises(ValueError, match="does not fit"):
-        wrap.unpack_tensors(buffer, bad)
-    with pytest.raises(ValueError, match="unknown dtype"):
-        wrap.unpack_tensors(buffer, [["w", "int8", [4, 4], 0, 16]])
-
-
-def test_tensors_do_not_survive_the_crossing_but_bytes_do():
-    """Why the payload is bytes: a tensor argument arrives as a list on the worker side."""
-    crossed = emu.msgpack_roundtrip([torch.ones(2, dtype=torch.bfloat16), b"\x00\x01"])
-    assert isinstance(crossed[0], list) and crossed[1] == b"\x00\x01"
-
-
+# ----------------------------------------------------------------------------- worker
 def test_worker_method_names_do_not_collide_with_vllm_worker(wrap):
     # Class attributes of vLLM 0.15.1's Worker and WorkerBase (v1/worker/gpu_worker.py,
     # worker_base.py); vLLM asserts that the extension class adds none of them.
@@ -172,7 +135,7 @@ def test_policy_actor_returns_the_sync_metrics(request, vllm_stub, variant):
     fake = types.SimpleNamespace(trainer=types.SimpleNamespace(broadcast_to_vllm=lambda: metrics))
     returned = actor_cls.broadcast_to_vllm(fake)
     assert (returned is metrics) == (variant == "patched")
-    assert hasattr(ppo_actor.ActorPPOTrainer, "_broadcast_lora_to_vllm") == (variant == "patched")
+    assert hasattr(ppo_actor, "LoraSync") == (variant == "patched")  # the sync itself: rft.openrlhf.lora_sync
 
 
 # ----------------------------------------------------------------------------- transport modes
@@ -250,7 +213,8 @@ def test_trainer_init_picks_the_transport_of_each_mode(request, vllm_stub, monke
     groups = [e.removeprefix("group:") for e in rec.events if e.startswith("group:")]
     if variant == "patched":
         assert groups == ([group] if group else [])
-        assert trainer.lora_sync == (lora_rank > 0) and trainer.lora_via_object_store == object_store
+        assert (trainer.lora_sync is not None) == (lora_rank > 0)
+        assert (trainer.lora_sync is not None and trainer.lora_sync.via_object_store) == object_store
         if group:  # kernels finish before the group init, and the engines join the same group
             assert rec.events[0] == "cuda.synchronize"
             assert rec.events.count(f"engine.init_process_group(use_ray={with_ray})") == 2
@@ -259,7 +223,7 @@ def test_trainer_init_picks_the_transport_of_each_mode(request, vllm_stub, monke
     else:  # 0.9.3 ignores --lora_rank here: the full-weight choice in every mode
         pristine_group = None if (colocate and not async_train) else ("ray.util.collective" if with_ray else "pynccl")
         assert groups == ([pristine_group] if pristine_group else [])
-        assert "cuda.synchronize" not in rec.events and not hasattr(trainer, "lora_via_object_store")
+        assert "cuda.synchronize" not in rec.events and not hasattr(trainer, "lora_sync")
 
 
 # ----------------------------------------------------------------------------- names
@@ -281,12 +245,11 @@ def tiny_peft_gpt_oss(target_modules):
 
 @pytest.mark.parametrize("targets", [["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear"])
 def test_peft_names_map_onto_the_engine(patched_root, vllm_stub, wrap, targets):
-    ppo_actor = oprl.load(patched_root, "openrlhf.trainer.ray.ppo_actor")
     peft_model, base_names = tiny_peft_gpt_oss(targets)
-    lora = [(n, p) for n, p in peft_model.named_parameters() if ppo_actor.is_lora_weight_name(n)]
+    lora = [(n, p) for n, p in peft_model.named_parameters() if lora_sync.is_lora_weight_name(n)]
     assert len(lora) == 2 * 4 * 2  # A and B, 4 projections, 2 layers: gpt-oss's only nn.Linear layers
 
-    named, targets_out = ppo_actor.lora_sync_tensors(peft_model, lora)
+    named, targets_out = lora_sync.lora_sync_tensors(peft_model, lora)
     engine_names = [name for name, _ in targets_out]
     assert len(engine_names) == 8 and set(engine_names) <= base_names
     assert all(math.isclose(scale, 8 / 4) for _, scale in targets_out)
@@ -294,27 +257,13 @@ def test_peft_names_map_onto_the_engine(patched_root, vllm_stub, wrap, targets):
 
     served = emu.GptOssForCausalLM(TINY)
     params = dict(served.named_parameters())
-    landed = {wrap.resolve_vllm_param(served, name, params) for name in engine_names}
+    landed = {vllm_lora_delta.resolve_vllm_param(served, name, params) for name in engine_names}
     assert landed == {f"model.layers.{i}.attn.{p}.weight" for i in range(2) for p in ("qkv_proj", "o_proj")}
 
     with torch.no_grad():  # a diverged adapter is refused before anything is sent
         dict(lora)["base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight"][0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.v_proj\.weight:B holds NaN"):
-        ppo_actor.lora_sync_tensors(peft_model, lora)
-
-
-def test_name_map_examples_and_errors(patched_root, vllm_stub):
-    ppo_actor = oprl.load(patched_root, "openrlhf.trainer.ray.ppo_actor")
-    assert ppo_actor.peft_lora_to_engine("base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight") == (
-        "model.layers.3.self_attn.q_proj.weight",
-        "A",
-        "default",
-        "base_model.model.model.layers.3.self_attn.q_proj",
-    )
-    for bad in ("base_model.model.model.layers.3.self_attn.q_proj.base_layer.weight", "x.lora_C.default.weight"):
-        assert not ppo_actor.is_lora_weight_name(bad)
-        with pytest.raises(ValueError, match="not a PEFT LoRA weight"):
-            ppo_actor.peft_lora_to_engine(bad)
+        lora_sync.lora_sync_tensors(peft_model, lora)
 
 
 def test_pristine_sync_sends_names_vllm_rejects():
@@ -337,144 +286,31 @@ def check_ranks(models, geo, tp, checkpoint, adapter, initial, device="cpu"):
                 assert torch.equal(bits(got[name]), bits(value)), name
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
-def test_tp_shards_equal_merged_reference_after_1_2_and_50_syncs(wrap, engine_mod, tp):
-    checkpoint = emu.random_attention_checkpoint(TINY, seed=tp)
-    models, workers = make_ranks(wrap, TINY, tp, checkpoint)
-    initial = [emu.state_copy(m) for m in models]
-    llm = emu.EmulatedAsyncLLM(workers)
-    targets = [(0, "q_proj"), (0, "v_proj"), (0, "o_proj"), (1, "k_proj")]  # layer 1 q/v/o stay base
-    for step in range(1, 51):
-        adapter = random_adapter(TINY, targets, seed=1000 * tp + step)
-        evidence = engine_call(engine_mod, "apply_lora_update", llm, *adapter_payload(wrap, adapter))
-        if step in (1, 2, 50):
-            check_ranks(models, TINY, tp, checkpoint, adapter, initial)
-    assert llm.calls == ["apply_lora_delta"] * 50 and llm.prefix_cache_resets == 50
-    # each sync is one load_weights call per touched parameter group, never one per tensor
-    assert all(m.load_calls == 50 for m in models)
-
-    # evidence of the last sync, recomputed from the served weights
-    touched = [n for n in initial[0] if n.endswith(("qkv_proj.weight", "o_proj.weight"))]
-    diff_sq = sum(float((m.get_parameter(n).float() - i[n].float()).square().sum()) for m, i in zip(models, initial) for n in touched)
-    changed = sum(int((bits(m.get_parameter(n)) != bits(i[n])).sum()) for m, i in zip(models, initial) for n in touched)
-    numel = sum(i[n].numel() for i in initial for n in touched if n.startswith(("model.layers.0.", "model.layers.1.attn.qkv")))
-    assert math.isclose(evidence["delta_norm"], math.sqrt(diff_sq), rel_tol=1e-5)
-    assert math.isclose(evidence["changed_frac"], changed / numel, rel_tol=1e-9)
-    assert 0 < evidence["changed_frac"] < 1 and evidence["workers"] == tp
-    target_sq = sum(float(((b @ a) * s).square().sum()) for a, b, s in adapter.values())
-    assert math.isclose(evidence["target_norm"], math.sqrt(target_sq), rel_tol=1e-5)
-
-
-def test_bf16_adapter_payload_is_merged_exactly(wrap, engine_mod):
-    checkpoint = emu.random_attention_checkpoint(TINY, seed=5)
-    models, workers = make_ranks(wrap, TINY, 2, checkpoint)
-    adapter = random_adapter(TINY, [(1, "q_proj"), (1, "o_proj")], seed=9)
-    adapter = {n: (a.bfloat16(), b.bfloat16(), s) for n, (a, b, s) in adapter.items()}
-    engine_call(engine_mod, "apply_lora_update", emu.EmulatedAsyncLLM(workers), *adapter_payload(wrap, adapter, torch.bfloat16))
-    reference = merged_checkpoint(checkpoint, adapter, torch.bfloat16)
-    for r, model in enumerate(models):
-        assert_bitwise(emu.state_copy(model), emu.state_copy(emu.build_rank(TINY, r, 2, reference)))
-
-
-def test_zero_adapter_leaves_w0_bitwise_even_negative_zero(wrap, engine_mod):
-    checkpoint = emu.random_attention_checkpoint(TINY, seed=3)
-    checkpoint["model.layers.0.self_attn.q_proj.weight"][0, :4] = -0.0  # signed zeros must survive
-    models, workers = make_ranks(wrap, TINY, 2, checkpoint)
-    initial = [emu.state_copy(m) for m in models]
-    adapter = random_adapter(TINY, [(0, "q_proj"), (0, "k_proj"), (0, "v_proj"), (0, "o_proj")], seed=4)
-    zero = {n: (a, torch.zeros_like(b), s) for n, (a, b, s) in adapter.items()}  # PEFT initialises B to 0
-    evidence = engine_call(engine_mod, "apply_lora_update", emu.EmulatedAsyncLLM(workers), *adapter_payload(wrap, zero))
-    for model, before in zip(models, initial):
-        assert_bitwise(emu.state_copy(model), before)
-    assert evidence["delta_norm"] == 0.0 and evidence["changed_frac"] == 0.0
-
-
-def test_resync_is_idempotent_and_dropped_targets_return_to_base(wrap, engine_mod):
+def test_patched_engine_and_worker_reach_the_hooks(wrap, engine_mod):
+    """The patched ``LLMRayActor`` and ``WorkerWrap`` run ``rft.openrlhf.vllm_lora_delta`` (whose merge
+    ``tests/test_vllm_lora_delta.py`` checks in depth): at TP 2 two syncs land exactly, a full weight
+    from the object store becomes the new base, and a worker's refusal reaches the engine's caller."""
     checkpoint = emu.random_attention_checkpoint(TINY, seed=7)
     models, workers = make_ranks(wrap, TINY, 2, checkpoint)
     initial = [emu.state_copy(m) for m in models]
     llm = emu.EmulatedAsyncLLM(workers)
-    first = random_adapter(TINY, [(0, "q_proj"), (1, "o_proj")], seed=11)
+    adapter = random_adapter(TINY, [(0, "q_proj"), (1, "o_proj")], seed=11)
     for _ in range(2):
-        engine_call(engine_mod, "apply_lora_update", llm, *adapter_payload(wrap, first))
-    check_ranks(models, TINY, 2, checkpoint, first, initial)
-    second = random_adapter(TINY, [(1, "o_proj")], seed=12)  # layer 0 q no longer adapted
-    engine_call(engine_mod, "apply_lora_update", llm, *adapter_payload(wrap, second))
-    check_ranks(models, TINY, 2, checkpoint, second, initial)
-    for model, before in zip(models, initial):
-        assert_bitwise(emu.state_copy(model), before, ["model.layers.0.attn.qkv_proj.weight"])
-
-
-def test_small_update_vanishes_on_the_bf16_grid_and_evidence_shows_it(wrap, engine_mod):
-    checkpoint = emu.random_attention_checkpoint(TINY, seed=8)
-    models, workers = make_ranks(wrap, TINY, 1, checkpoint)
-    tiny = random_adapter(TINY, [(0, "q_proj")], seed=13, magnitude=1e-3)
-    evidence = engine_call(engine_mod, "apply_lora_update", emu.EmulatedAsyncLLM(workers), *adapter_payload(wrap, tiny))
-    assert evidence["target_norm"] > 0
-    assert evidence["changed_frac"] < 0.05  # most of a ~1e-6 delta rounds away next to ~2e-2 weights
-    check_ranks(models, TINY, 1, checkpoint, tiny, [emu.state_copy(emu.build_rank(TINY, 0, 1, checkpoint))])
-
-
-def test_pristine_copy_on_device_gives_the_same_result(wrap, engine_mod, monkeypatch):
-    monkeypatch.setenv("RFT_LORA_PRISTINE", "gpu")  # "keep it on the worker's device" (CPU here)
-    checkpoint = emu.random_attention_checkpoint(TINY, seed=21)
-    models, workers = make_ranks(wrap, TINY, 2, checkpoint)
-    initial = [emu.state_copy(m) for m in models]
-    adapter = random_adapter(TINY, [(0, "q_proj"), (0, "o_proj")], seed=22)
-    engine_call(engine_mod, "apply_lora_update", emu.EmulatedAsyncLLM(workers), *adapter_payload(wrap, adapter))
+        evidence = engine_call(engine_mod, "apply_lora_update", llm, *adapter_payload(wrap, adapter))
     check_ranks(models, TINY, 2, checkpoint, adapter, initial)
-    monkeypatch.setenv("RFT_LORA_PRISTINE", "disk")
-    _, fresh = make_ranks(wrap, TINY, 1, checkpoint)
-    with pytest.raises(ValueError, match="RFT_LORA_PRISTINE"):
-        engine_call(engine_mod, "apply_lora_update", emu.EmulatedAsyncLLM(fresh), *adapter_payload(wrap, adapter))
+    assert llm.calls == ["apply_lora_delta"] * 2 and llm.prefix_cache_resets == 2
+    assert evidence["workers"] == 2 and 0 < evidence["changed_frac"] < 1
 
-
-def test_scratch_budget_chunks_give_the_same_result(wrap, engine_mod, monkeypatch):
-    monkeypatch.setenv("RFT_LORA_SCRATCH_MB", "0")  # one parameter per load_weights call
-    checkpoint = emu.random_attention_checkpoint(TINY, seed=31)
-    models, workers = make_ranks(wrap, TINY, 2, checkpoint)
-    initial = [emu.state_copy(m) for m in models]
-    adapter = random_adapter(TINY, [(0, "q_proj"), (0, "k_proj"), (0, "o_proj"), (1, "v_proj")], seed=32)
-    engine_call(engine_mod, "apply_lora_update", emu.EmulatedAsyncLLM(workers), *adapter_payload(wrap, adapter))
-    check_ranks(models, TINY, 2, checkpoint, adapter, initial)
-    assert all(m.load_calls == 3 for m in models)  # qkv 0, o 0, qkv 1
-
-
-def test_bad_payloads_fail_with_a_clear_error(wrap, engine_mod):
-    checkpoint = emu.random_attention_checkpoint(TINY, seed=41)
-    _, workers = make_ranks(wrap, TINY, 1, checkpoint)
-    spec, blob = adapter_payload(wrap, random_adapter(TINY, [(0, "q_proj")], seed=42))
-    with pytest.raises(ValueError, match="payload bytes"):
-        workers[0].apply_lora_delta(spec, blob[:-64], "bytes")
-    with pytest.raises(ValueError, match="payload format"):
-        workers[0].apply_lora_delta({**spec, "format": "other/9"}, blob, "bytes")
-
-    def retarget(name):
-        entries = [[e[0].replace("model.layers.0.self_attn.q_proj.weight", name), *e[1:]] for e in spec["entries"]]
-        return {**spec, "entries": entries, "targets": [[name, 1.0]]}
-
-    # MXFP4 experts are uint8 blocks in vLLM: a bf16 delta cannot be merged there
-    with pytest.raises(ValueError, match="only float weights"):
-        workers[0].apply_lora_delta(retarget("model.layers.0.mlp.experts.gate_up_proj"), blob, "bytes")
-    with pytest.raises(ValueError, match="no parameter for this weight"):
-        workers[0].apply_lora_delta(retarget("model.layers.0.self_attn.qq_proj.weight"), blob, "bytes")
-    assert workers[0].model_runner.model.load_calls == 0  # nothing was written
-
-
-def test_update_weight_from_ref_loads_one_full_weight_and_rebases(wrap, engine_mod):
-    checkpoint = emu.random_attention_checkpoint(TINY, seed=51)
-    models, workers = make_ranks(wrap, TINY, 2, checkpoint)
-    llm = emu.EmulatedAsyncLLM(workers)
-    adapter = random_adapter(TINY, [(0, "o_proj")], seed=52)
-    engine_call(engine_mod, "apply_lora_update", llm, *adapter_payload(wrap, adapter))
-    name = "model.layers.0.self_attn.o_proj.weight"
+    name = "model.layers.1.self_attn.o_proj.weight"
     new_base = (torch.randn(emu.hf_attention_shape(name, TINY)) * 0.02).bfloat16()
     engine_call(engine_mod, "update_weight_from_ref", llm, name, torch.bfloat16, list(new_base.shape), new_base)
+    engine_call(engine_mod, "apply_lora_update", llm, *adapter_payload(wrap, adapter))
     rebased = dict(checkpoint, **{name: new_base})
-    for r, model in enumerate(models):
-        assert_bitwise(emu.state_copy(model), emu.state_copy(emu.build_rank(TINY, r, 2, rebased)))
-    engine_call(engine_mod, "apply_lora_update", llm, *adapter_payload(wrap, adapter))  # delta now on the new base
     check_ranks(models, TINY, 2, rebased, adapter, [emu.state_copy(emu.build_rank(TINY, r, 2, rebased)) for r in range(2)])
+
+    spec, blob = adapter_payload(wrap, adapter)
+    with pytest.raises(ValueError, match="payload format"):
+        engine_call(engine_mod, "apply_lora_update", llm, {**spec, "format": "other/9"}, blob)
 
 
 def test_emulated_loader_slices_like_vllm():
@@ -518,7 +354,7 @@ def single_rank_group(tmp_path):
     dist.destroy_process_group()
 
 
-def zero3_peft_gpt_oss(ppo_actor, monkeypatch, seed=71):
+def zero3_peft_gpt_oss(monkeypatch, seed=71):
     """A bf16 PEFT gpt-oss (LoRA on q/k/v/o, random A and B) partitioned in place by ZeRO-3.
 
     Returns ``(peft_model, checkpoint, adapter)``: the base attention tensors by checkpoint
@@ -532,7 +368,7 @@ def zero3_peft_gpt_oss(ppo_actor, monkeypatch, seed=71):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if ppo_actor.is_lora_weight_name(name):
+            if lora_sync.is_lora_weight_name(name):
                 param.copy_((torch.randn(param.shape, generator=gen) * 0.05).to(param.device))
     base = peft_model.get_base_model()
     checkpoint = {
@@ -549,7 +385,7 @@ def zero3_peft_gpt_oss(ppo_actor, monkeypatch, seed=71):
     monkeypatch.setenv("LOCAL_RANK", "0")
     zero3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}}
     deepspeed.zero.Init(module=peft_model, config_dict_or_path=zero3, dtype=torch.bfloat16)  # partition in place
-    assert all(p.numel() == 0 for n, p in peft_model.named_parameters() if ppo_actor.is_lora_weight_name(n))
+    assert all(p.numel() == 0 for n, p in peft_model.named_parameters() if lora_sync.is_lora_weight_name(n))
     return peft_model, checkpoint, adapter
 
 
@@ -563,7 +399,7 @@ def test_trainer_ships_one_packed_buffer_through_the_object_store(
     buffer is staged in pinned memory); elsewhere on CPU with gloo.
     """
     ppo_actor = oprl.load(patched_root, "openrlhf.trainer.ray.ppo_actor")
-    peft_model, checkpoint, adapter = zero3_peft_gpt_oss(ppo_actor, monkeypatch)
+    peft_model, checkpoint, adapter = zero3_peft_gpt_oss(monkeypatch)
 
     harness = local_ray.remote(emu.EngineHarness)
     engines = [harness.remote(str(patched_root), TINY, tp, checkpoint) for tp in (2, 1)]
@@ -572,19 +408,19 @@ def test_trainer_ships_one_packed_buffer_through_the_object_store(
     trainer = ppo_actor.ActorPPOTrainer.__new__(ppo_actor.ActorPPOTrainer)
     trainer.strategy, trainer.args, trainer.vllm_engines = types.SimpleNamespace(args=args), args, engines
     trainer.actor = types.SimpleNamespace(model=types.SimpleNamespace(module=peft_model))
-    trainer.lora_sync, trainer.lora_via_object_store = True, True
+    trainer.lora_sync = lora_sync.LoraSync.for_run(args, use_cuda_ipc=False)  # --vllm_sync_with_ray: the object store
 
     # Known stages for the timers to measure: packing takes pack_sleep longer and the object-store
     # put (part of the transfer) put_sleep longer; the test's own clock marks when packing began and
     # when the engines' results came back, a span the sync's total must cover.
     pack_sleep, put_sleep = 0.1, 0.4
     marks = {}
-    real_pack, real_put, real_get = trainer._pack_lora, ppo_actor.ray.put, ppo_actor.ray.get
+    real_pack, real_put, real_get = lora_sync.LoraSync.pack, lora_sync.ray.put, lora_sync.ray.get
 
-    def timed_pack(*args, **kwargs):
+    def timed_pack(self, *args, **kwargs):
         marks["pack_start"] = time.perf_counter()
         time.sleep(pack_sleep)
-        return real_pack(*args, **kwargs)
+        return real_pack(self, *args, **kwargs)
 
     def slow_put(*args, **kwargs):
         time.sleep(put_sleep)
@@ -595,14 +431,14 @@ def test_trainer_ships_one_packed_buffer_through_the_object_store(
         marks["results_back"] = time.perf_counter()
         return results
 
-    trainer._pack_lora = timed_pack
-    monkeypatch.setattr(ppo_actor.ray, "put", slow_put)
-    monkeypatch.setattr(ppo_actor.ray, "get", timed_get)
+    monkeypatch.setattr(lora_sync.LoraSync, "pack", timed_pack)
+    monkeypatch.setattr(lora_sync.ray, "put", slow_put)
+    monkeypatch.setattr(lora_sync.ray, "get", timed_get)
 
     started = time.perf_counter()
     metrics = trainer.broadcast_to_vllm()
     wall = time.perf_counter() - started
-    assert set(metrics) == set(ppo_actor.LORA_SYNC_METRICS) and all(isinstance(v, float) for v in metrics.values())
+    assert set(metrics) == set(lora_sync.LORA_SYNC_METRICS) and all(isinstance(v, float) for v in metrics.values())
     assert metrics["sync_delta_norm"] > 0 and 0 < metrics["sync_changed_frac"] <= 1
     # each stage holds its own sleep and not the other's; the total covers packing to results, within the call
     assert pack_sleep <= metrics["sync_pack_s"] < put_sleep
@@ -652,7 +488,7 @@ def test_trainer_ships_one_packed_buffer_over_the_model_update_group(
     ``apply_lora_update(spec, None)``, broadcasts the packed buffer once on the model-update
     group, and every TP worker receives it with ``receive="nccl"`` and merges it exactly."""
     ppo_actor = oprl.load(patched_root, "openrlhf.trainer.ray.ppo_actor")
-    peft_model, checkpoint, adapter = zero3_peft_gpt_oss(ppo_actor, monkeypatch, seed=72)
+    peft_model, checkpoint, adapter = zero3_peft_gpt_oss(monkeypatch, seed=72)
     group = ModelUpdateGroup()
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: None)  # no GPU: no stream
     engines, llms, models = [], [], []
@@ -669,16 +505,16 @@ def test_trainer_ships_one_packed_buffer_over_the_model_update_group(
         engines.append(types.SimpleNamespace(apply_lora_update=types.SimpleNamespace(remote=apply_lora_update)))
         llms.append(llm)
         models.append((tp, ranks))
-    monkeypatch.setattr(ppo_actor, "ray", types.SimpleNamespace(get=lambda refs: [ref() for ref in refs]))
+    monkeypatch.setattr(lora_sync, "ray", types.SimpleNamespace(get=lambda refs: [ref() for ref in refs]))
 
     args = types.SimpleNamespace(zero_stage=3, ds_tensor_parallel_size=1, vllm_sync_with_ray=False, lora_rank=4)
     trainer = ppo_actor.ActorPPOTrainer.__new__(ppo_actor.ActorPPOTrainer)
     trainer.strategy, trainer.args, trainer.vllm_engines = types.SimpleNamespace(args=args), args, engines
     trainer.actor = types.SimpleNamespace(model=types.SimpleNamespace(module=peft_model))
-    trainer.lora_sync, trainer.lora_via_object_store, trainer._model_update_group = True, False, group
+    trainer.lora_sync, trainer._model_update_group = lora_sync.LoraSync.for_run(args, use_cuda_ipc=False), group
 
     metrics = trainer.broadcast_to_vllm()
-    assert set(metrics) == set(ppo_actor.LORA_SYNC_METRICS) and metrics["sync_changed_frac"] > 0
+    assert set(metrics) == set(lora_sync.LORA_SYNC_METRICS) and metrics["sync_changed_frac"] > 0
     assert group.receives == 3  # one send, one receive per TP worker of both engines
     assert [llm.calls for llm in llms] == [["apply_lora_delta"]] * 2 and all(llm.prefix_cache_resets == 1 for llm in llms)
     reference = merged_checkpoint(checkpoint, adapter, torch.bfloat16)
