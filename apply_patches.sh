@@ -2,10 +2,16 @@
 # Applies rft's patches (patches/series) to the installed OpenRLHF 0.9.3, all or nothing.
 #
 #   bash apply_patches.sh              # apply; a second run changes nothing and exits 0
-#   bash apply_patches.sh --status     # one line per patch: applied / not applied / conflicts
+#   bash apply_patches.sh --status     # one line per patch (applied / not applied / partial / conflicts),
+#                                      # then whether `import rft` in PYTHON finds this checkout
 #   bash apply_patches.sh --check      # what would apply, is applied, conflicts; changes nothing
 #   bash apply_patches.sh --revert     # back to the pristine files, verified by patches/MANIFEST.sha256
 #   bash apply_patches.sh --help       # every option, exit codes, and how to make a patch
+#
+# Exit codes (docs/patches.md): 0 done; 1 a patch conflicts; 2 bad arguments or input files;
+# 3 wrong environment; 4 a write failed (restored); 5 --status: not every patch applied;
+# 6 --status: import rft in PYTHON does not find this checkout; 130/129/143 Ctrl-C/SIGHUP/SIGTERM.
+# A killed run (even SIGKILL) leaves every file whole: run the same command again to finish.
 #
 # Settings:
 #   PYTHON   the Python whose openrlhf is patched (default: python, else python3, on PATH,
@@ -21,6 +27,7 @@ if [[ -z "$PYTHON" ]] || ! command -v "$PYTHON" >/dev/null 2>&1; then
   exit 3
 fi
 
-# As a module of the checkout, not a script: a script's own folder (rft/) goes first on sys.path,
-# where the rft.openrlhf package would shadow the real openrlhf.
-PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m rft.patching "$@"
+# By its path, with PYTHONPATH as the caller set it: --status reports what `import rft` finds in
+# the training interpreter, which a PYTHONPATH added here would hide. The script takes its own
+# folder (rft/) off sys.path first, where rft/openrlhf (the patches' hooks) would shadow openrlhf.
+exec "$PYTHON" "$ROOT/rft/patching.py" "$@"

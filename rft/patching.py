@@ -15,25 +15,42 @@ Run through ``apply_patches.sh`` (see ``--help`` there). The rules, as dpkg and 
   and, if any write fails or is interrupted, the files already replaced are restored; Ctrl-C,
   SIGTERM and SIGHUP are held back while the files are written. The install is locked
   (flock on the package directory) while this runs. No .orig/.rej file is ever created there.
+* Nothing else can stop it halfway for good: after a SIGKILL or a power cut every file is still
+  whole and holds a prefix of the patches that touch it, which the manifest recognises, so the
+  next run completes the series (or ``--revert`` undoes it) and removes the temp files of its own
+  that the kill left (``.NAME.rft-XXXXXXXX.tmp`` beside a target, ``rft-patch-PID-*`` scratch
+  folders of processes that no longer run). No journal is needed: the files are the journal.
+* The install must be the 0.9.3 wheel as pip installed it: its dist-info's version, and every
+  file its RECORD lists (urlsafe-base64 sha256) except the targets, which the manifest judges;
+  a module that RECORD does not list (a file of another release) is refused.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    # Run as a script, Python puts rft/ first on sys.path, where rft/openrlhf (the patches' hooks)
+    # would shadow the installed openrlhf: look things up as the training interpreter does.
+    del sys.path[0]
+
 import argparse
+import base64
 import contextlib
+import csv
 import fcntl
 import hashlib
+import importlib.machinery
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 PACKAGE = "openrlhf"
 VERSION = "0.9.3"
@@ -42,6 +59,13 @@ PATCH_FLAGS = ["-p1", "-F", "0", "-N", "-t", "-u", "-V", "never", "-r", "-"]
 PATCH_ENV_OVERRIDES = ("POSIXLY_CORRECT", "PATCH_GET", "PATCH_VERSION_CONTROL", "SIMPLE_BACKUP_SUFFIX",
                        "VERSION_CONTROL", "QUILT_PATCH_OPTS")
 PROG = "apply_patches.sh"
+CHECKOUT = Path(__file__).resolve().parents[1]
+"""The rft checkout this manager belongs to; the patched OpenRLHF must import rft from here."""
+REINSTALL = f"pip install --no-deps --force-reinstall {PACKAGE}=={VERSION}"
+SCRATCH_PREFIX = "rft-patch-"
+"""Scratch folders in $TMPDIR are named rft-patch-PID-XXXXXXXX, so a later run can tell a dead run's."""
+TEMP_MARK = ".rft-"
+"""write_atomic's temp files are .NAME.rft-XXXXXXXX.tmp (mkstemp adds 8 characters of [a-z0-9_])."""
 
 EXIT_OK = 0
 EXIT_CONFLICT = 1
@@ -49,15 +73,23 @@ EXIT_USAGE = 2
 EXIT_ENV = 3
 EXIT_WRITE = 4
 EXIT_NOT_APPLIED = 5
+EXIT_RFT_ELSEWHERE = 6
+EXIT_SIGNAL = 128  # plus the signal's number: 130 Ctrl-C (SIGINT), 129 SIGHUP, 143 SIGTERM
 
 EXIT_CODES = f"""exit codes:
-  {EXIT_OK}  done, or nothing to do (--status: every patch is applied)
+  {EXIT_OK}  done, or nothing to do (--status: every patch is applied and import rft finds this checkout)
   {EXIT_CONFLICT}  a patch conflicts with the installed files; nothing was changed
   {EXIT_USAGE}  bad arguments, or a missing or malformed series, patch or manifest
-  {EXIT_ENV}  wrong environment: openrlhf not found, not {VERSION}, a target file that is not the
-     pristine {VERSION} file (see patches/MANIFEST.sha256), or GNU patch missing; nothing was changed
+  {EXIT_ENV}  wrong environment: openrlhf not found, not the {VERSION} wheel (dist-info version, RECORD,
+     a module RECORD does not list), a target file that is neither pristine {VERSION} (see
+     patches/MANIFEST.sha256) nor patched by this series, or GNU patch missing; nothing was changed
   {EXIT_WRITE}  writing a file failed; every file already written was restored
-  {EXIT_NOT_APPLIED}  --status only: some patches are not applied (none conflicts)"""
+  {EXIT_NOT_APPLIED}  --status only: some patches are not applied, or partly (an interrupted run;
+     apply completes it, --revert undoes it); none conflicts
+  {EXIT_RFT_ELSEWHERE}  --status only: every patch is applied, but import rft in PYTHON (with --target DIR
+     first on its path) does not find this checkout; pip install -e <this checkout>
+  130, 129, 143  interrupted by Ctrl-C (SIGINT), SIGHUP or SIGTERM: one line says so; every file is
+     whole and the install holds the series either as before or complete (run it again)"""
 
 
 class PatchError(Exception):
@@ -67,6 +99,14 @@ class PatchError(Exception):
         super().__init__(message)
         self.code = code
         self.details = details
+
+
+class Interrupted(BaseException):
+    """SIGINT, SIGTERM or SIGHUP arrived: unwinds like KeyboardInterrupt, so scratch folders go."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 @dataclass
@@ -82,12 +122,17 @@ class Patch:
 
 @dataclass
 class Outcome:
-    """What one patch does to the current tree: 'applied', 'applies' or 'conflicts'."""
+    """What one patch does to the current tree: 'applied', 'applies', 'partial' or 'conflicts'.
+
+    'partial': an interrupted run wrote some of the patch's files (``holding``) and not the others;
+    the rest applies, so apply completes it and --revert undoes it.
+    """
 
     patch: Patch
     state: str
     conflict: str = ""  # one-line description of the first rejected hunk
     details: str = ""  # the rejected hunk(s) and patch(1)'s own output
+    holding: list[str] = field(default_factory=list)  # 'partial': the files that already hold it
 
 
 # ---------------------------------------------------------------- reading the inputs
@@ -188,8 +233,8 @@ def find_site(target: str | None) -> Path:
     return Path(list(spec.submodule_search_locations)[0]).resolve().parent
 
 
-def installed_version(site: Path) -> str:
-    """The version in ``openrlhf-*.dist-info/METADATA`` next to the package."""
+def dist_info(site: Path) -> Path:
+    """The one ``openrlhf-*.dist-info`` next to the package."""
     found = sorted(site.glob(f"{PACKAGE}-*.dist-info"))
     if not found:
         raise PatchError(
@@ -200,10 +245,75 @@ def installed_version(site: Path) -> str:
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
         raise PatchError(EXIT_ENV, f"{site}: several {PACKAGE} installs ({names}); reinstall {PACKAGE}=={VERSION}")
-    for line in (found[0] / "METADATA").read_text(errors="replace").splitlines():
+    return found[0]
+
+
+def installed_version(site: Path) -> str:
+    """The version in ``openrlhf-*.dist-info/METADATA`` next to the package."""
+    info = dist_info(site)
+    for line in (info / "METADATA").read_text(errors="replace").splitlines():
         if line.startswith("Version:"):
             return line.split(":", 1)[1].strip()
-    raise PatchError(EXIT_ENV, f"{found[0]}/METADATA has no Version line; reinstall {PACKAGE}=={VERSION}")
+    raise PatchError(EXIT_ENV, f"{info}/METADATA has no Version line; reinstall {PACKAGE}=={VERSION}")
+
+
+def read_record(record: Path) -> dict[str, str]:
+    """A wheel RECORD (PEP 376 csv: path, sha256=<urlsafe base64, no padding>, size) as path -> hex digest.
+
+    Entries without a hash (RECORD itself, the .pyc files pip compiled) map to ''.
+    """
+    if not record.is_file():
+        raise PatchError(EXIT_ENV, f"{record}: missing, so the installed files cannot be checked; {REINSTALL}")
+    rows = {}
+    with record.open(newline="", encoding="utf-8", errors="replace") as fh:
+        for number, row in enumerate(csv.reader(fh), 1):
+            if not row:
+                continue
+            algorithm, _, value = row[1].partition("=") if len(row) == 3 else ("", "", "")
+            if len(row) != 3 or (row[1] and algorithm != "sha256"):
+                raise PatchError(EXIT_ENV, f"{record}:{number}: not a 'path,sha256=...,size' row; {REINSTALL}")
+            rows[row[0]] = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).hex() if value else ""
+    return rows
+
+
+def is_module_file(rel: str) -> bool:
+    """A file Python could import, outside __pycache__ (a temp or editor file is not one)."""
+    name = rel.rsplit("/", 1)[-1]
+    return "__pycache__" not in rel.split("/") and not name.startswith(".") and any(
+        name.endswith(suffix) for suffix in importlib.machinery.all_suffixes()
+    )
+
+
+def distribution_problem(site: Path, manifest: dict[str, str]) -> str:
+    """'' when ``site`` holds the openrlhf wheel the manifest was made from, else one line saying why not.
+
+    RECORD must list every target with its pristine sha256 (so this dist-info is the 0.9.3
+    wheel's), every other file RECORD lists must be there unchanged (a 0.9.4 ``__init__.py`` is
+    not), and no module may exist that RECORD does not list (0.9.4's new modules). The targets'
+    own contents are judged by the manifest, since the patches change them.
+    """
+    record_path = dist_info(site) / "RECORD"
+    record = read_record(record_path)
+    for rel, digest in manifest.items():
+        if record.get(rel) != digest:
+            listed = f"with sha256 {record[rel][:16]}" if record.get(rel) else "without a hash" if rel in record else "not"
+            return (f"{record_path}: lists {rel} {listed}, the {VERSION} wheel's is {digest[:16]}: "
+                    f"this is not the {PACKAGE} {VERSION} install; {REINSTALL}")
+    for rel, digest in sorted(record.items()):
+        if not rel.startswith(f"{PACKAGE}/") or not digest or rel in manifest or "__pycache__" in rel.split("/"):
+            continue
+        path = site / rel
+        if not path.is_file():
+            return f"{path}: listed in {record_path.name} but missing; {REINSTALL}"
+        if sha256(path) != digest:
+            return (f"{path}: differs from the {PACKAGE} {VERSION} file its RECORD lists (sha256 {sha256(path)[:16]}, "
+                    f"RECORD {digest[:16]}): another release's or edited; {REINSTALL}")
+    for path in sorted((site / PACKAGE).rglob("*")):
+        rel = path.relative_to(site).as_posix()
+        if path.is_file() and is_module_file(rel) and rel not in record:
+            return (f"{path}: a module that the RECORD of {PACKAGE} {VERSION} does not list (another release's?); "
+                    f"{REINSTALL}")
+    return ""
 
 
 @contextlib.contextmanager
@@ -259,10 +369,11 @@ def describe_conflict(patch: Patch, output: str) -> tuple[str, str]:
     ) + output
 
 
-def try_apply(root: Path, patch: Patch) -> Outcome:
-    """Apply ``patch`` to the scratch tree at ``root`` if a dry run says it applies cleanly."""
-    dry = run_patch(root, patch.path, dry_run=True)
-    if dry.returncode == 0 and run_patch(root, patch.path).returncode == 0:
+def try_apply(root: Path, patch: Patch, diff: Path | None = None) -> Outcome:
+    """Apply ``patch`` (or ``diff``, a part of it) to the scratch tree at ``root`` if a dry run says it applies."""
+    diff = diff or patch.path
+    dry = run_patch(root, diff, dry_run=True)
+    if dry.returncode == 0 and run_patch(root, diff).returncode == 0:
         return Outcome(patch, "applies")
     conflict, details = describe_conflict(patch, dry.stdout + dry.stderr)
     return Outcome(patch, "conflicts", conflict, details)
@@ -325,6 +436,9 @@ class Manager:
         missing = [rel for rel in self.manifest if not (self.site / rel).is_file()]
         if missing:
             raise PatchError(EXIT_ENV, f"{self.site / missing[0]}: target file missing; reinstall {PACKAGE}=={VERSION}")
+        problem = distribution_problem(self.site, self.manifest)
+        if problem:
+            raise PatchError(EXIT_ENV, problem)
 
     def copy_targets(self, dest: Path, source_root: Path | None = None) -> Path:
         for rel in self.manifest:
@@ -333,24 +447,27 @@ class Manager:
         return dest
 
     def plan(self, scratch: Path) -> Plan:
-        """Find what is applied (by the manifest), then stage every missing patch in ``scratch``."""
+        """Find what is applied (by the manifest), then stage every missing patch in ``scratch``.
+
+        Each file is judged alone, so a run killed between two files of one patch leaves a state
+        this still reads: that patch is 'partial', and only its missing files are staged.
+        """
         pristine = scratch / "pristine"
         applied_count = {rel: self.recover_pristine(rel, scratch, pristine) for rel in self.manifest}
         staged = self.copy_targets(scratch / "staged")
         outcomes = []
         for patch in self.series:
-            held = {self.series_position(patch, rel) < applied_count[rel] for rel in patch.targets}
-            if held == {True}:
+            holding = [rel for rel in patch.targets if self.series_position(patch, rel) < applied_count[rel]]
+            if len(holding) == len(patch.targets):
                 outcomes.append(Outcome(patch, "applied"))
-            elif held == {False}:
+            elif not holding:
                 outcomes.append(try_apply(staged, patch))
             else:
-                files = ", ".join(rel for rel in patch.targets if self.series_position(patch, rel) < applied_count[rel])
-                raise PatchError(
-                    EXIT_ENV,
-                    f"{patch.name} is applied to {files} only; restore the pristine files "
-                    f"(pip install --no-deps --force-reinstall {PACKAGE}=={VERSION}) and apply again",
-                )
+                rest = scratch / "partial" / patch.name
+                rest.parent.mkdir(parents=True, exist_ok=True)
+                rest.write_text("".join(patch.sections[rel] for rel in patch.targets if rel not in holding))
+                outcome = try_apply(staged, patch, rest)
+                outcomes.append(Outcome(patch, "partial", holding=holding) if outcome.state == "applies" else outcome)
         return Plan(self.site, list(self.manifest), outcomes, staged, pristine)
 
     def series_position(self, patch: Patch, rel: str) -> int:
@@ -409,6 +526,32 @@ HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
+def interruptible():
+    """Turn the first SIGINT, SIGTERM or SIGHUP into :class:`Interrupted`; ignore any after it.
+
+    SIGTERM and SIGHUP would otherwise end the process on the spot and leave the scratch folder
+    in $TMPDIR; raised as an exception, every ``finally`` runs first. Later signals are ignored so
+    that they cannot cut that cleanup short. Main thread only (where Python runs handlers).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if not fired:
+            fired.append(signum)
+            raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in HELD_SIGNALS if signal.getsignal(sig) is not None}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
 def signals_held():
     """Hold back Ctrl-C, SIGTERM and SIGHUP for the block and deliver them, once each, at its end.
 
@@ -437,8 +580,10 @@ def signals_held():
 def commit(site: Path, staged: Path, targets: list[str]) -> list[str]:
     """Replace every target that differs from its staged version; all or nothing.
 
-    Signals are held while writing; any exception raised mid-write (a full disk, an interrupt
-    that got through) restores the files already replaced before it propagates.
+    Signals are held while writing, and delivered only once every file and its bytecode are
+    done; any exception raised mid-write (a full disk, an interrupt that got through) restores
+    the files already replaced before it propagates. Bytecode goes before each write too: a
+    SIGKILL right after a replace then leaves no .pyc of the old source behind.
     """
     changed = [rel for rel in targets if (staged / rel).read_bytes() != (site / rel).read_bytes()]
     done: list[tuple[Path, bytes]] = []
@@ -447,6 +592,7 @@ def commit(site: Path, staged: Path, targets: list[str]) -> list[str]:
             for rel in changed:
                 path = site / rel
                 done.append((path, path.read_bytes()))  # before writing: restored even if cut off mid-write
+                drop_bytecode(path)
                 write_atomic(path, (staged / rel).read_bytes())
         except BaseException as exc:
             restored, restore_errors = 0, []
@@ -455,6 +601,7 @@ def commit(site: Path, staged: Path, targets: list[str]) -> list[str]:
                     if path.read_bytes() != original:  # the file being written may still be the old one
                         write_atomic(path, original)
                         restored += 1
+                    drop_bytecode(path)
                 except OSError as again:
                     restore_errors.append(f"{path}: {again}")
             if not isinstance(exc, OSError):
@@ -464,15 +611,19 @@ def commit(site: Path, staged: Path, targets: list[str]) -> list[str]:
             )
             raise PatchError(EXIT_WRITE, f"writing {exc.filename or 'a file'} failed ({exc.strerror}); "
                              f"{restored} file(s) restored, {state}")
-    for rel in changed:
-        drop_bytecode(site / rel)
+        for rel in changed:
+            drop_bytecode(site / rel)
     return changed
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory, keeping the mode."""
+    """Write ``data`` to ``path`` through a temp file in the same directory, keeping the mode.
+
+    The temp file is ``.NAME.rft-XXXXXXXX.tmp``: a name no import sees, and one that
+    :func:`remove_leftovers` recognises when a SIGKILL left it.
+    """
     mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -486,11 +637,111 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def leftover_pattern(name: str) -> re.Pattern[str]:
+    """Temp names :func:`write_atomic` uses for ``name``; also the ``.NAME.XXXXXXXX.tmp`` of earlier rft versions."""
+    return re.compile(rf"\.{re.escape(name)}(?:{re.escape(TEMP_MARK)}|\.)[a-z0-9_]{{8}}\.tmp")
+
+
+def remove_leftovers(site: Path, targets: list[str]) -> list[Path]:
+    """Delete the temp files that a killed run left beside the targets; only names of our own pattern.
+
+    Called with the install locked, so no other run of this manager is writing them now.
+    """
+    removed = []
+    for rel in targets:
+        path = site / rel
+        pattern = leftover_pattern(path.name)
+        if not path.parent.is_dir():
+            continue
+        for candidate in path.parent.iterdir():
+            if pattern.fullmatch(candidate.name) and candidate.is_file() and not candidate.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    candidate.unlink()
+                removed.append(candidate)
+    return removed
+
+
+def pid_running(pid: int) -> bool:
+    """True unless no process ``pid`` exists (another user's process counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_scratch(tmpdir: Path | None = None) -> list[Path]:
+    """Delete ``rft-patch-PID-*`` folders in $TMPDIR whose process is gone (a SIGKILL leaves them).
+
+    Only folders of this user, named by :func:`scratch_dir`, whose PID no longer runs.
+    """
+    removed = []
+    folder = tmpdir or Path(tempfile.gettempdir())
+    pattern = re.compile(rf"{re.escape(SCRATCH_PREFIX)}(\d+)-[a-z0-9_]{{8}}")
+    with contextlib.suppress(OSError):
+        for candidate in folder.iterdir():
+            match = pattern.fullmatch(candidate.name)
+            if not match or candidate.is_symlink() or not candidate.is_dir():
+                continue
+            if candidate.stat().st_uid != os.getuid() or pid_running(int(match.group(1))):
+                continue
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
+def scratch_dir() -> tempfile.TemporaryDirectory:
+    """A scratch folder in $TMPDIR named with this process's PID, so that a later run can tell it is dead."""
+    return tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
+
+
 def drop_bytecode(source: Path) -> None:
     """Remove cached bytecode of a rewritten module, so the next import compiles the new source."""
     for cached in (source.parent / "__pycache__").glob(f"{source.stem}.*.pyc"):
         with contextlib.suppress(OSError):
             cached.unlink()
+
+
+def rft_origin(first: Path | None = None) -> Path | None:
+    """Where ``import rft`` leads in this interpreter, with ``first`` at the front of sys.path; None: nowhere.
+
+    Asks each finder on sys.meta_path (sys.path, then an editable install's finder) without
+    importing rft or looking in sys.modules, so the answer is what a fresh training process gets.
+    The current directory is not on the path: Ray's workers do not start in it.
+    """
+    saved = sys.path[:]
+    if first is not None:
+        sys.path.insert(0, str(first))
+    try:
+        for finder in sys.meta_path:
+            find_spec = getattr(finder, "find_spec", None)
+            spec = find_spec("rft", None) if find_spec else None
+            if spec is not None:
+                break
+        else:
+            return None
+    finally:
+        sys.path[:] = saved
+    if spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0]).resolve()
+    return Path(spec.origin).resolve() if spec.origin else None
+
+
+def rft_problem(target: Path | None) -> str:
+    """'' when ``import rft`` in PYTHON (with ``--target`` first, as PYTHONPATH=DIR uses it) finds this checkout.
+
+    The patched OpenRLHF imports rft's hooks; from another checkout they would be other code.
+    """
+    origin = rft_origin(target)
+    if origin == CHECKOUT / "rft":
+        return ""
+    where = f" with {target} first on sys.path" if target else ""
+    if origin is not None and target is not None and target in origin.parents:
+        return f"import rft in {sys.executable}{where} finds {origin}, inside the --target folder; remove it there"
+    found = f"finds {origin}" if origin else "finds no rft"
+    return f"import rft in {sys.executable}{where} {found}, not this checkout; pip install -e {CHECKOUT}"
 
 
 # ---------------------------------------------------------------- commands
@@ -506,19 +757,26 @@ def cmd_apply(manager: Manager, plan: Plan, quiet: bool) -> int:
         first = plan.conflicts[0]
         raise PatchError(EXIT_CONFLICT, f"{first.conflict}; nothing was changed", first.details)
     changed = commit(plan.site, plan.staged, plan.targets)
+    labels = {"applies": "applied", "applied": "skipped (already applied)", "partial": "completed (was cut off)"}
     for outcome in plan.outcomes:
-        state = "applied" if outcome.state == "applies" else "skipped (already applied)"
-        say(f"  {state:26s} {outcome.patch.name}", quiet)
-    applied = sum(o.state == "applies" for o in plan.outcomes)
+        say(f"  {labels[outcome.state]:26s} {outcome.patch.name}", quiet)
+    applied = sum(o.state != "applied" for o in plan.outcomes)
     say(f"{applied} patch(es) applied, {len(plan.outcomes) - applied} already applied; "
         f"{len(changed)} file(s) changed", quiet)
     return EXIT_OK
 
 
+def partial_note(outcome: Outcome) -> str:
+    """What a 'partial' patch holds, and the two ways out."""
+    missing = [rel for rel in outcome.patch.targets if rel not in outcome.holding]
+    return (f": in {', '.join(outcome.holding)} only, not {', '.join(missing)} (a run was cut off; "
+            f"{PROG} completes it, {PROG} --revert undoes it)")
+
+
 def cmd_check(manager: Manager, plan: Plan, quiet: bool) -> int:
-    labels = {"applies": "would apply", "applied": "applied", "conflicts": "CONFLICTS"}
+    labels = {"applies": "would apply", "applied": "applied", "conflicts": "CONFLICTS", "partial": "would complete"}
     for outcome in plan.outcomes:
-        extra = f": {outcome.conflict}" if outcome.conflict else ""
+        extra = f": {outcome.conflict}" if outcome.conflict else partial_note(outcome) if outcome.holding else ""
         print(f"  {labels[outcome.state]:12s} {outcome.patch.name}{extra}")
     if plan.conflicts:
         for outcome in plan.conflicts:
@@ -528,20 +786,25 @@ def cmd_check(manager: Manager, plan: Plan, quiet: bool) -> int:
     return EXIT_OK
 
 
-def cmd_status(manager: Manager, plan: Plan, quiet: bool) -> int:
-    labels = {"applies": "not applied", "applied": "applied", "conflicts": "conflicts"}
+def cmd_status(manager: Manager, plan: Plan, target: Path | None) -> int:
+    labels = {"applies": "not applied", "applied": "applied", "conflicts": "conflicts", "partial": "partial"}
     for outcome in plan.outcomes:
-        print(f"{labels[outcome.state]:12s} {outcome.patch.name}")
+        extra = partial_note(outcome) if outcome.state == "partial" else ""
+        print(f"{labels[outcome.state]:12s} {outcome.patch.name}{extra}")
+    problem = rft_problem(target)
+    print(f"{'rft':12s} {problem or f'import rft finds this checkout ({CHECKOUT})'}")
     if plan.conflicts:
         return EXIT_CONFLICT
-    return EXIT_OK if all(o.state == "applied" for o in plan.outcomes) else EXIT_NOT_APPLIED
+    if any(o.state != "applied" for o in plan.outcomes):
+        return EXIT_NOT_APPLIED
+    return EXIT_RFT_ELSEWHERE if problem else EXIT_OK
 
 
 def cmd_revert(manager: Manager, plan: Plan, quiet: bool) -> int:
     changed = commit(plan.site, plan.pristine, plan.targets)
+    labels = {"applied": "reverted", "partial": "reverted (was cut off)"}
     for outcome in reversed(plan.outcomes):
-        state = "reverted" if outcome.state == "applied" else "skipped (not applied)"
-        say(f"  {state:26s} {outcome.patch.name}", quiet)
+        say(f"  {labels.get(outcome.state, 'skipped (not applied)'):26s} {outcome.patch.name}", quiet)
     for rel, digest in manager.manifest.items():  # the install itself, after writing
         if sha256(plan.site / rel) != digest:
             raise PatchError(EXIT_WRITE, f"{plan.site / rel}: still differs from the manifest after --revert")
@@ -559,7 +822,7 @@ def cmd_export(manager: Manager, plan: Plan, dest: Path, upto: str | None, quiet
         count = manager.names.index(upto) + 1
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copytree(plan.site / PACKAGE, dest / PACKAGE, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    with tempfile.TemporaryDirectory(prefix="rft-patch-") as tmp:
+    with scratch_dir() as tmp:
         manager.stage_up_to(plan, Path(tmp), count)
         manager.copy_targets(dest, source_root=Path(tmp))
     names = ", ".join(manager.names[:count]) or "none"
@@ -610,7 +873,7 @@ def cmd_make(
         position = manager.names.index(after) + 1
     else:
         position = len(manager.series)
-    with tempfile.TemporaryDirectory(prefix="rft-patch-") as tmp:
+    with scratch_dir() as tmp:
         base = manager.stage_up_to(plan, Path(tmp) / "base", position)
         diff, outside = [], []
         for path in sorted((edited / PACKAGE).rglob("*")):
@@ -656,7 +919,7 @@ def cmd_make(
 def verify_series_from_pristine(manager: Manager, plan: Plan) -> str:
     """'' when the whole (re-read) series applies to pristine files in order, else the problem."""
     fresh = Manager(manager.patches, manager.site, manager.series_file)
-    with tempfile.TemporaryDirectory(prefix="rft-patch-") as tmp:
+    with scratch_dir() as tmp:
         tree = fresh.copy_targets(Path(tmp), source_root=plan.pristine)
         for patch in fresh.series:
             outcome = try_apply(tree, patch)
@@ -712,36 +975,58 @@ def main(argv: list[str] | None = None) -> int:
     if (args.upto and not args.export) or ((args.edited or args.after or args.description) and not args.make):
         parser.error("--upto goes with --export; --from, --after and --description with --make")
     try:
-        site = find_site(args.target)
-        manager = Manager(args.patches.resolve(), site, args.series.resolve() if args.series else None)
-        manager.check_environment()
-        if not (args.quiet or args.status):
-            print(f"{PACKAGE} {VERSION} at {site}", flush=True)
-        with locked(site), tempfile.TemporaryDirectory(prefix="rft-patch-") as scratch:
-            plan = manager.plan(Path(scratch))
-            if args.check:
-                return cmd_check(manager, plan, args.quiet)
-            if args.status:
-                return cmd_status(manager, plan, args.quiet)
-            if args.revert:
-                return cmd_revert(manager, plan, args.quiet)
-            if args.export:
-                return cmd_export(manager, plan, args.export.resolve(), args.upto, args.quiet)
-            if args.make:
-                return cmd_make(
-                    manager, plan, args.make, args.edited.resolve(), args.description, args.after, args.quiet
-                )
-            return cmd_apply(manager, plan, args.quiet)
+        with interruptible():
+            return run_command(args)
     except PatchError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         if exc.details:
             print(exc.details.rstrip(), file=sys.stderr)
         return exc.code
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        print(f"{PROG}: interrupted by {signal.Signals(signum).name}; every file is whole, and the install holds "
+              f"the series as before or complete: run the command again to finish, --status to see", file=sys.stderr)
+        return EXIT_SIGNAL + signum
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """The command of ``args``, with the install locked and a scratch folder that always goes."""
+    target = Path(args.target).resolve() if args.target else None
+    site = find_site(args.target)
+    manager = Manager(args.patches.resolve(), site, args.series.resolve() if args.series else None)
+    remove_dead_scratch()
+    with locked(site), scratch_dir() as scratch:
+        writes = not (args.check or args.status or args.export)
+        if writes:
+            removed = remove_leftovers(site, list(manager.manifest))
+            if removed:
+                say(f"removed {len(removed)} temp file(s) a killed run left: {removed[0].name}", args.quiet)
+        manager.check_environment()
+        if not (args.quiet or args.status):
+            print(f"{PACKAGE} {VERSION} at {site}", flush=True)
+        plan = manager.plan(Path(scratch))
+        if args.check:
+            return cmd_check(manager, plan, args.quiet)
+        if args.status:
+            return cmd_status(manager, plan, target)
+        if args.revert:
+            return cmd_revert(manager, plan, args.quiet)
+        if args.export:
+            return cmd_export(manager, plan, args.export.resolve(), args.upto, args.quiet)
+        if args.make:
+            return cmd_make(manager, plan, args.make, args.edited.resolve(), args.description, args.after, args.quiet)
+        problem = rft_problem(target)
+        if problem:
+            print(f"{PROG}: warning: {problem} (the patched {PACKAGE} imports rft)", file=sys.stderr)
+        return cmd_apply(manager, plan, args.quiet)
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before main's handlers are in place
+        print(f"{PROG}: interrupted by SIGINT; nothing was changed", file=sys.stderr)
+        sys.exit(EXIT_SIGNAL + signal.SIGINT)
     except BrokenPipeError:  # output piped into head and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)

@@ -8,6 +8,7 @@ RECORD. Every run goes through the real script with ``--target DIR``.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import shutil
 import signal
@@ -66,6 +67,24 @@ def litter(root: Path) -> list[str]:
     return [p.name for p in root.rglob("*") if p.suffix in (".orig", ".rej", ".tmp") or p.name.startswith(".")]
 
 
+def compile_all(site: Path) -> None:
+    """Bytecode for every module of the copy, as an import would leave it."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(site / "openrlhf")], check=True)
+
+
+def stale_bytecode(site: Path) -> list[str]:
+    """.pyc files whose header no longer matches their source's mtime and size (Python's own test)."""
+    stale = []
+    for pyc in site.rglob("__pycache__/*.pyc"):
+        source = pyc.parent.parent / (pyc.name.split(".", 1)[0] + ".py")
+        header, stat = pyc.read_bytes()[:16], source.stat()
+        if int.from_bytes(header[8:12], "little") != int(stat.st_mtime) & 0xFFFFFFFF or (
+            int.from_bytes(header[12:16], "little") != stat.st_size & 0xFFFFFFFF
+        ):
+            stale.append(pyc.relative_to(site).as_posix())
+    return stale
+
+
 def patched_by_hand(dest: Path, series: Path) -> Path:
     """The series applied with plain patch(1), independently of the manager, for comparison."""
     make_site(dest)
@@ -91,6 +110,9 @@ def own_series(tmp_path: Path, names: list[str], extra: dict[str, str] | None = 
     return series
 
 
+RFT_HERE = f"rft          import rft finds this checkout ({oprl.REPO})"
+"""--status's last line when the training interpreter imports rft from this checkout."""
+
 MY_PATCHES = ["offload_cli.patch", "ratio_logging_loss.patch", "experience_maker.patch"]
 
 
@@ -101,7 +123,7 @@ def test_apply_reapply_check_status_revert(site, tmp_path):
 
     status = run("--target", str(site), "--status")
     assert status.returncode == 5, status.stderr
-    assert status.stdout.splitlines() == [f"not applied  {n}" for n in names]
+    assert status.stdout.splitlines() == [f"not applied  {n}" for n in names] + [RFT_HERE]
 
     check = run("--target", str(site), "--check")
     assert check.returncode == 0, check.stderr
@@ -122,7 +144,7 @@ def test_apply_reapply_check_status_revert(site, tmp_path):
     assert snapshot(site) == after_first  # not one byte, not one mtime
 
     status = run("--target", str(site), "--status")
-    assert status.returncode == 0 and status.stdout.splitlines() == [f"applied      {n}" for n in names]
+    assert status.returncode == 0 and status.stdout.splitlines() == [f"applied      {n}" for n in names] + [RFT_HERE]
 
     revert = run("--target", str(site), "--revert")
     assert revert.returncode == 0, revert.stderr
@@ -235,8 +257,8 @@ def import_patching():
     return patching
 
 
-def test_interrupt_during_writes_restores_every_file(site, monkeypatch):
-    """Ctrl-C (KeyboardInterrupt) raised by the second write: the first file is restored too."""
+def test_interrupt_during_writes_restores_every_file(site, monkeypatch, capsys):
+    """Ctrl-C (KeyboardInterrupt) raised by the second write: the first file is restored too, and one line says so."""
     patching = import_patching()
     before = snapshot(site)
     real_write, calls = patching.write_atomic, []
@@ -248,8 +270,10 @@ def test_interrupt_during_writes_restores_every_file(site, monkeypatch):
         real_write(path, data)
 
     monkeypatch.setattr(patching, "write_atomic", interrupted_write)
-    with pytest.raises(KeyboardInterrupt):
-        patching.main(["--target", str(site), "--series", str(oprl.PATCHES / "series"), "--quiet"])
+    code = patching.main(["--target", str(site), "--series", str(oprl.PATCHES / "series"), "--quiet"])
+    assert code == 130
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("apply_patches.sh: interrupted by SIGINT;")
     assert len(calls) == 3  # first write, interrupted write, restore of the first
     assert {k: v[0] for k, v in snapshot(site).items()} == {k: v[0] for k, v in before.items()}
     assert litter(site) == []
@@ -274,9 +298,11 @@ def test_failed_restore_is_reported_not_hidden(site, monkeypatch, capsys):
 
 
 def test_signal_during_writes_waits_until_every_file_is_written(site, tmp_path, monkeypatch):
-    """SIGINT arriving mid-write is held until the whole set is written, then delivered."""
+    """SIGINT arriving mid-write is held until the whole set and its bytecode are written, then delivered."""
     patching = import_patching()
     real_write, calls = patching.write_atomic, []
+
+    compile_all(site)
 
     def write_then_signal(path, data):
         calls.append(path)
@@ -285,8 +311,9 @@ def test_signal_during_writes_waits_until_every_file_is_written(site, tmp_path, 
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(patching, "write_atomic", write_then_signal)
-    with pytest.raises(KeyboardInterrupt):
-        patching.main(["--target", str(site), "--series", str(oprl.PATCHES / "series"), "--quiet"])
+    code = patching.main(["--target", str(site), "--series", str(oprl.PATCHES / "series"), "--quiet"])
+    assert code == 130
+    assert stale_bytecode(site) == []
     expected = patched_by_hand(tmp_path / "by_hand", oprl.PATCHES / "series")
     assert len(calls) == len(manifest())
     for rel in manifest():
@@ -340,7 +367,7 @@ def test_finds_the_install_of_the_active_python(site):
 def test_help_documents_exit_codes():
     proc = run("--help")
     assert proc.returncode == 0
-    for code in ("0", "1", "2", "3", "4", "5"):
+    for code in ("0", "1", "2", "3", "4", "5", "6", "130, 129, 143"):
         assert f"\n  {code}  " in proc.stdout
     assert "--revert" in proc.stdout and "--make" in proc.stdout
 
@@ -479,3 +506,129 @@ def test_make_after_places_a_new_patch_inside_the_series(site, tmp_path):
         return text[text.index("\n--- a/") :]
 
     assert diff_part(patches / "save_model.patch") == diff_part(oprl.PATCHES / "save_model.patch")
+
+
+# ---------------------------------------------------------------- the installed distribution
+
+
+def test_a_0_9_4_init_under_0_9_3_metadata_is_refused(site):
+    """0.9.3's __init__.py is empty; RECORD says so, whatever METADATA says."""
+    init = b'__version__ = "0.9.4"\n'
+    (site / "openrlhf/__init__.py").write_bytes(init)
+    before = snapshot(site)
+    for args in ((), ("--status",), ("--revert",)):
+        proc = run("--target", str(site), *args)
+        assert proc.returncode == 3, proc.stderr
+        assert proc.stderr.strip().splitlines() == [  # e3b0c442...: the sha256 of an empty file
+            f"apply_patches.sh: error: {site.resolve()}/openrlhf/__init__.py: differs from the openrlhf 0.9.3 file "
+            f"its RECORD lists (sha256 {hashlib.sha256(init).hexdigest()[:16]}, RECORD e3b0c44298fc1c14): "
+            "another release's or edited; pip install --no-deps --force-reinstall openrlhf==0.9.3"
+        ]
+    assert snapshot(site) == before
+
+
+def test_a_module_that_record_does_not_list_is_refused(site):
+    extra = site / "openrlhf/utils/new_in_0_9_4.py"
+    extra.write_text("def helper():\n    return 1\n")
+    proc = run("--target", str(site))
+    assert proc.returncode == 3
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert f"{extra.resolve()}: a module that the RECORD of openrlhf 0.9.3 does not list" in proc.stderr
+    assert "pip install --no-deps --force-reinstall openrlhf==0.9.3" in proc.stderr
+    assert (site / "openrlhf/models/loss.py").read_bytes() == (oprl.SITE / "openrlhf/models/loss.py").read_bytes()
+
+
+def test_bytecode_and_non_module_files_are_not_unexpected(site):
+    """__pycache__ (which RECORD may or may not list) and non-importable files do not count as modules."""
+    compile_all(site)
+    (site / "openrlhf/models/notes.txt").write_text("not a module\n")
+    proc = run("--target", str(site), "--check")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_record_of_another_release_is_refused(site):
+    """RECORD lists loss.py with a hash that is not the 0.9.3 wheel's: this dist-info is not 0.9.3's."""
+    record = next(site.glob("openrlhf-*.dist-info")) / "RECORD"
+    lines = record.read_text().splitlines()
+    other = base64.urlsafe_b64encode(bytes(32)).rstrip(b"=").decode()
+    record.write_text("".join(
+        (f"openrlhf/models/loss.py,sha256={other},1\n" if line.startswith("openrlhf/models/loss.py,") else line + "\n")
+        for line in lines
+    ))
+    proc = run("--target", str(site), "--status")
+    assert proc.returncode == 3
+    assert proc.stderr.startswith(f"apply_patches.sh: error: {record.resolve()}: lists openrlhf/models/loss.py with "
+                                  f"sha256 0000000000000000, the 0.9.3 wheel's is {manifest()['openrlhf/models/loss.py'][:16]}")
+    record.unlink()
+    proc = run("--target", str(site), "--status")
+    assert proc.returncode == 3 and "RECORD: missing" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+# ---------------------------------------------------------------- leftovers of a killed run
+
+
+def test_apply_removes_the_temp_files_a_killed_run_left_and_nothing_else(site, tmp_path):
+    folder = site / "openrlhf/models"
+    ours = [folder / ".loss.py.rft-ab12cd_9.tmp", folder / ".loss.py.k3j4h5g6.tmp"]  # this version's, and older
+    theirs = [folder / ".loss.py.swp", folder / ".other.py.k3j4h5g6.tmp", folder / "loss.py.k3j4h5g6.tmp"]
+    for path in ours + theirs:
+        path.write_text("x")
+    assert run("--target", str(site), "--check").returncode == 0
+    assert all(path.exists() for path in ours)  # --check changes nothing
+    proc = run("--target", str(site))
+    assert proc.returncode == 0, proc.stderr
+    assert "removed 2 temp file(s) a killed run left" in proc.stdout
+    assert [path.exists() for path in ours + theirs] == [False, False, True, True, True]
+
+
+def test_scratch_folders_of_dead_runs_are_removed(site, tmp_path):
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = tmpdir / f"rft-patch-{int(dead.stdout)}-abcd1234"
+    alive = tmpdir / f"rft-patch-{os.getpid()}-abcd1234"
+    unrelated = tmpdir / "rft-patch-notapid"
+    for folder in (gone, alive, unrelated):
+        (folder / "pristine").mkdir(parents=True)
+    proc = run("--target", str(site), "--status", env={"TMPDIR": str(tmpdir)})
+    assert proc.returncode == 5, proc.stderr
+    assert sorted(p.name for p in tmpdir.iterdir()) == sorted([alive.name, unrelated.name])
+
+
+# ---------------------------------------------------------------- which rft the patched OpenRLHF imports
+
+
+def test_status_says_when_import_rft_finds_another_checkout(site, tmp_path):
+    """Another rft first on the training interpreter's path: --status 6 once the patches are applied."""
+    other = tmp_path / "other"
+    (other / "rft").mkdir(parents=True)
+    (other / "rft/__init__.py").write_text("")
+    env = {"PYTHONPATH": str(other)}
+    applied = run("--target", str(site), env=env)
+    assert applied.returncode == 0
+    assert f"warning: import rft in {sys.executable} with {site.resolve()} first on sys.path finds " in applied.stderr
+    proc = run("--target", str(site), "--status", env=env)
+    assert proc.returncode == 6, proc.stderr
+    assert proc.stdout.splitlines()[-1] == (
+        f"rft          import rft in {sys.executable} with {site.resolve()} first on sys.path finds "
+        f"{(other / 'rft').resolve()}, not this checkout; pip install -e {oprl.REPO}"
+    )
+    assert run("--target", str(site), "--status").returncode == 0  # the editable install finds this checkout
+
+
+def test_status_flags_an_rft_inside_the_target_folder(site):
+    (site / "rft").mkdir()
+    (site / "rft/__init__.py").write_text("")
+    assert run("--target", str(site)).returncode == 0
+    proc = run("--target", str(site), "--status")
+    assert proc.returncode == 6
+    assert proc.stdout.splitlines()[-1].endswith(f"finds {(site / 'rft').resolve()}, inside the --target folder; "
+                                                 "remove it there")
+
+
+def test_status_of_the_environment_install_despite_the_hooks_package(site):
+    """Run as a script from rft/, rft/openrlhf (the hooks) must not pass for the installed openrlhf."""
+    assert (oprl.REPO / "rft/openrlhf/__init__.py").is_file()
+    proc = run("--status", env={"PYTHONPATH": str(site)})
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stdout.splitlines()[-1] == RFT_HERE
