@@ -3,7 +3,9 @@
 The end-to-end test drives one real BasePPOTrainer.train_step and save_logs_and_checkpoints:
 real vLLM-response processing, experience making, advantages, replay buffer and the real
 patched ActorPPOTrainer.ppo_train behind a stand-in for the Ray actor group (see
-tests/fixtures/metrics_fakes.py for what is planted), and checks all four files.
+tests/fixtures/metrics_fakes.py for what is planted), and checks all four files. The logic
+the patches call is unit-tested on its own: tests/test_hook_run_log.py (metrics_trainer.patch)
+and tests/test_hook_eval_modes.py (eval_grouping.patch).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import torch
 
 import oprl
 from fixtures import metrics_fakes as fk
+import reward_func_em
 from rft import metrics_schema
+from rft.contract import TEXT_LOG_KEYS
 from test_metrics_patches import actor_trainer, fill_buffer, planted_rollout
 
 TRAINER = "openrlhf.trainer.ppo_trainer"
@@ -32,76 +36,7 @@ def tr(patched_root, vllm_stub):
     return oprl.load(patched_root, TRAINER)
 
 
-class Warnings:
-    """Collects the trainer logger's warnings (OpenRLHF loggers do not propagate)."""
-
-    def __init__(self, module, monkeypatch):
-        self.messages: list[str] = []
-        monkeypatch.setattr(module.logger, "warning", lambda msg, *a, **k: self.messages.append(str(msg)))
-
-
-# ------------------------------------------------------------------------------ writer
-
-
-def test_unwritable_directory_warns_once_and_goes_on(tr, tmp_path, monkeypatch):
-    blocker = tmp_path / "not_a_dir"
-    blocker.write_text("")
-    warnings = Warnings(tr, monkeypatch)
-    metrics_dir, samples_dir = blocker / "metrics", blocker / "samples"
-    writer = tr.RunLogWriter(metrics_dir=str(metrics_dir), samples_dir=str(samples_dir))
-    for step in (1, 2, 3):
-        writer.write_step({"global_step": step, "timestamp": 0.0, "reward_mean": 0.5})
-    writer.write_samples(3, [{"prompt": "p"}])
-    writer.write_spikes(3, [{"grad_norm": 99.0, "prompt_hashes": []}], {})
-
-    def about(folder):  # the warnings naming a file in ``folder`` (whatever words the temporary path holds)
-        return [m for m in warnings.messages if f"cannot write {folder}{os.sep}" in m]
-
-    assert len(about(metrics_dir)) == 1 and len(about(samples_dir)) == 1 and len(warnings.messages) == 2
-    assert all("training goes on" in m for m in warnings.messages)
-
-
-def test_unset_directories_warn_once(tr, monkeypatch):
-    warnings = Warnings(tr, monkeypatch)
-    writer = tr.RunLogWriter.from_env({})
-    writer.write_step({"global_step": 1, "timestamp": 0.0})
-    assert sorted(m.split(" is not set")[0].split(": ")[1] for m in warnings.messages) == [
-        "METRICS_LOG_DIR",
-        "SAMPLES_LOG_DIR",
-    ]
-
-
-def test_lines_are_flushed_and_valid_json(tr, tmp_path):
-    writer = tr.RunLogWriter(metrics_dir=str(tmp_path))
-    writer.write_step({"global_step": 1, "timestamp": 0.0, "grad_norm": 0.5})
-    # readable while the writer is alive: nothing is buffered
-    line = (tmp_path / "training_metrics.jsonl").read_text()
-    assert json.loads(line)["grad_norm"] == 0.5 and line.endswith("\n")
-    assert "step=1" in (tmp_path / "learning.log").read_text()
-
-
-def test_resume_does_not_duplicate_steps(tr, tmp_path):
-    first = tr.RunLogWriter(metrics_dir=str(tmp_path))
-    for step in range(1, 6):
-        first.write_step({"global_step": step, "timestamp": 0.0, "reward_mean": 0.1 * step})
-    with open(tmp_path / "training_metrics.jsonl", "a") as f:
-        f.write('{"global_step": 6, "rew')  # the crash left half a line
-    # the run resumes from the checkpoint of step 3: its next step is 4
-    second = tr.RunLogWriter(metrics_dir=str(tmp_path))
-    second.write_step({"global_step": 4, "timestamp": 1.0, "reward_mean": 0.9})
-    lines = [json.loads(x) for x in (tmp_path / "training_metrics.jsonl").read_text().splitlines()]
-    assert [x["global_step"] for x in lines] == [1, 2, 3, 4]
-    assert lines[-1]["run_id"] == second.run_id != lines[0]["run_id"]
-    assert lines[-1]["reward_mean"] == 0.9
-    superseded = (tmp_path / "training_metrics.superseded.jsonl").read_text().splitlines()
-    assert len(superseded) == 3  # steps 4 and 5 of the first run, and the torn line
-    log_steps = [line.split("step=")[1].split()[0] for line in (tmp_path / "learning.log").read_text().splitlines()]
-    assert log_steps == ["1", "2", "3", "4"]
-
-
-def test_nonfinite_values_become_null_and_are_listed(tr):
-    values, nonfinite = tr.numeric_metrics({"a": float("nan"), "b": 1, "c": True, "d": "text", "e": [1]})
-    assert values == {"a": None, "b": 1.0, "c": 1.0} and nonfinite == ["a"]
+# ------------------------------------------------------------------------------ settings
 
 
 def test_env_reaches_trainer_actor_via_runtime_env(patched_root, pristine_root, vllm_stub, monkeypatch, tmp_path):
@@ -200,87 +135,6 @@ def test_greedy_eval_with_n1_during_n8_training(tr, patched_root):
     # test_eval_generates_eval_count) and then read every sample as its own prompt.
 
 
-def test_eval_groups_by_prompt_when_chunks_are_mixed(tr, monkeypatch):
-    em = sys.modules["openrlhf.trainer.ppo_utils.experience_maker"]
-    samples = eval_samples(em, [[1, 0], [0, 0]], 2)
-    samples = [samples[0], samples[2], samples[1], samples[3]]  # interleaved
-    warnings = Warnings(tr, monkeypatch)
-    groups = tr.group_eval_samples(samples, 2)
-    assert sorted((p, c) for p, c, _ in groups) == [("q0", [1.0, 0.0]), ("q1", [0.0, 0.0])]
-    assert len(warnings.messages) == 1
-
-
-@pytest.mark.parametrize(
-    ("temperature", "n", "mode"), [(0.0, 1, "greedy"), (0.0, 8, "nondet_proxy"), (0.6, 8, "sampling"), (1.0, 1, "sampling")]
-)
-def test_eval_mode_labels(tr, temperature, n, mode):
-    assert tr.eval_mode(temperature, n) == mode
-
-
-# ---------------------------------------------------------------------- sample rows
-
-
-class TextTokenizer:
-    """Decodes each token id to a fixed piece of text (so responses hold real answers)."""
-
-    PIECES = {1: "Q: ", 2: "what? ", 3: "so it is ", 4: "\\boxed{42}", 5: "no idea", 6: "."}
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(self.PIECES[int(t)] for t in ids)
-
-
-def text_experience(responses):
-    """An experience whose rows are prompt [1, 2] followed by the given response token ids."""
-    width = max(len(r) for r in responses)
-    sequences = torch.zeros(len(responses), 2 + width, dtype=torch.long)
-    action_mask = torch.zeros(len(responses), 1 + width, dtype=torch.bool)
-    for i, response in enumerate(responses):
-        sequences[i, :2] = torch.tensor([1, 2])
-        sequences[i, 2 : 2 + len(response)] = torch.tensor(response)
-        action_mask[i, 1 : 1 + len(response)] = True  # action_mask[j] marks sequences[j + 1]
-    return SimpleNamespace(
-        sequences=sequences,
-        action_mask=action_mask,
-        prompts=["Q: what? "] * len(responses),
-        labels=["42"] * len(responses),
-        info={"reward": torch.tensor([1.0, 0.0]), "parse_method": torch.tensor([2.0, 0.0])},
-    )
-
-
-@pytest.mark.parametrize("as_cli_gives_it", [True, False], ids=["list", "str"])
-def test_sample_rows_carry_the_reward_modules_extracted_answer(tr, as_cli_gives_it):
-    path = str(oprl.REPO / "reward_func_em.py")
-    extract = tr.answer_extractor([path] if as_cli_gives_it else path)
-    rows = tr.sample_rows([text_experience([[3, 4, 6], [5, 6]])], TextTokenizer(), 5, 16)
-    assert [r["response"] for r in rows] == ["so it is \\boxed{42}.", "no idea."]
-    assert [r.get("extracted_answer") for r in rows] == [None, None]  # no extractor: not guessed
-    rows = tr.sample_rows([text_experience([[3, 4, 6], [5, 6]])], TextTokenizer(), 5, 16, extract)
-    assert [r["extracted_answer"] for r in rows] == ["42", None]
-    assert [r["parse_method"] for r in rows] == ["boxed", "none"]
-
-
-def test_answer_extractor_is_none_without_a_python_reward_module(tr, tmp_path, monkeypatch):
-    warnings = Warnings(tr, monkeypatch)
-    assert tr.answer_extractor(None) is None and tr.answer_extractor([]) is None
-    assert tr.answer_extractor("http://rm-host:5000/get_reward") is None  # a remote reward server
-    plain = tmp_path / "plain_reward.py"
-    plain.write_text("def reward_func(queries, prompts, labels):\n    return {}\n")
-    assert tr.answer_extractor(str(plain)) is None  # no extract_answer: nothing to call
-    assert warnings.messages == []
-    broken = tmp_path / "broken_reward.py"
-    broken.write_text("raise RuntimeError('import-time failure')\n")
-    assert tr.answer_extractor(str(broken)) is None
-    assert len(warnings.messages) == 1 and str(broken) in warnings.messages[0]
-
-
-def test_a_failing_extractor_costs_only_its_field(tr):
-    def extract(response):
-        raise ValueError("bad text")
-
-    rows = tr.sample_rows([text_experience([[3, 4, 6], [5, 6]])], TextTokenizer(), 5, 16, extract)
-    assert [r["extracted_answer"] for r in rows] == [None, None] and rows[0]["reward"] == 1.0
-
-
 # ------------------------------------------------------------------------- end to end
 
 
@@ -339,6 +193,22 @@ class AnswerTokenizer(fk.FakeTokenizer):
         return "".join("\\boxed{42}" if int(t) == 10 else fk.FakeTokenizer.decode(self, [t]) for t in ids)
 
 
+def with_the_rewards_text_logs(monkeypatch, tokenizer) -> None:
+    """Planted rollouts also carry what the real reward_func_em returns as text logs for their responses.
+
+    The reward runs on the decoded response, as in the vLLM engine; its extra_logs'
+    ``extracted_answer`` then travels the only channel OpenRLHF gives a reward: the response dict.
+    """
+    planted = fk.response_dict
+
+    def response_dict(prompt_ids, response_ids, reward, extra_logs, prompt, label, truncated=False):
+        query = tokenizer.decode(response_ids)
+        text_logs = {k: reward_func_em.reward_func([query], [""], [label])["extra_logs"][k] for k in TEXT_LOG_KEYS}
+        return planted(prompt_ids, response_ids, reward, {**extra_logs, **text_logs}, prompt, label, truncated)
+
+    monkeypatch.setattr(fk, "response_dict", response_dict)
+
+
 def prompt_hash(ids: list[int]) -> str:
     """A prompt hash by its definition: SHA-1 of the ids as little-endian int64, first 16 hex digits."""
     return hashlib.sha1(np.array(ids, dtype="<i8").tobytes()).hexdigest()[:16]
@@ -359,9 +229,9 @@ def test_one_trainer_step_end_to_end(patched_root, vllm_stub, monkeypatch, tmp_p
     monkeypatch.setattr(em, "ray", fk.fake_ray())
 
     correct = [1, 1, 1, 1, 0, 1, 0, 0]
+    with_the_rewards_text_logs(monkeypatch, AnswerTokenizer())
     args, rollout = planted_rollout(em, correct, correct)
     args.save_steps = 1
-    args.remote_rm_url = [str(oprl.REPO / "reward_func_em.py")]  # as train_ppo_ray.py splits it
     actor = actor_trainer(pa, args, fk.FakeEngine(gas=2, norms=[0.5, 80.0]))
     fill_buffer(pa, actor, [], args, monkeypatch)
     sync_sleep = 0.2
@@ -376,8 +246,8 @@ def test_one_trainer_step_end_to_end(patched_root, vllm_stub, monkeypatch, tmp_p
     eval_out = eval_samples(em, [[1], [0], [1]], 1)
     trainer.samples_generator = SimpleNamespace(generate_eval_samples=lambda **kw: eval_out)
     ppo_trainer_cls = tr.PPOTrainer.__ray_metadata__.modified_class
-    trainer._eval_logs = ppo_trainer_cls.evaluate(trainer, step, n_samples_per_prompt=1, temperature=0.0)
-    trainer._eval_logs["seconds"] = 0.5
+    evaluate = ppo_trainer_cls.evaluate.__get__(trainer)  # the patched method, bound as fit calls it
+    trainer.run_log.run_eval(evaluate, step, {"n_samples_per_prompt": 1, "temperature": 0.0})
     trainer.save_logs_and_checkpoints(step, status, {"episode": 0})
 
     assert step == 1
@@ -415,7 +285,9 @@ def test_one_trainer_step_end_to_end(patched_root, vllm_stub, monkeypatch, tmp_p
     ]
     assert [r["prompt"] for r in rows] == ["p0"] * 4 + ["p1"] * 4 and {r["label"] for r in rows} == {"42"}
     assert rows[0]["correctness"] == 1.0 and rows[0]["parse_method"] == "boxed"
+    # the answers the reward extracted, carried from its extra_logs (never into the actors' info)
     assert [r["extracted_answer"] for r in rows] == ["42", None, None, None, "42", None, None, None]
+    assert "extracted_answer" not in record and "extracted_answer" not in status
     assert [r["prompt_hash"] for r in rows] == [prompt_hash([5, 6, 7])] * 4 + [prompt_hash([6, 6, 7])] * 4
     # 4. spike_log.jsonl: the optimizer step with grad norm 80 > 50
     spikes = [json.loads(x) for x in (metrics / "spike_log.jsonl").read_text().splitlines()]
