@@ -249,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.check:
+            finished = dp.recover(args.out_dir) if args.out_dir.is_dir() else None
+            if finished:
+                dp.log(finished)
             problems = dp.verify_outputs(args.out_dir)
             for problem in problems:
                 dp.log(problem)

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from rft.patching import signals_held
+
 REQUIRED_COLUMNS = (
     "problem",
     "solution",
@@ -67,6 +69,8 @@ OUT_AIME = "aime_eval.jsonl"
 OUT_REPORT = "prep_report.json"
 OUT_TIMING = "prep_timing.json"
 OUT_PLOT = "prep_funnel.png"
+REQUIRED_OUTPUTS = (OUT_POOL, OUT_POOL_SUBSET, OUT_SFT_TRAIN, OUT_SFT_DEV, OUT_PROBE_ID)
+"""Written by every run; the eval sets are skipped when their source is 'none'."""
 ALL_OUTPUTS = (
     OUT_POOL,
     OUT_POOL_SUBSET,
@@ -1039,7 +1043,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write a JSON document next to ``path`` and rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".prep-{os.getpid()}-{path.name}.", dir=path.parent)  # see recover()
     os.close(fd)
     try:
         write_json(Path(tmp), obj)
@@ -1086,17 +1090,28 @@ def plot_funnel(path: Path, report: dict[str, Any]) -> None:
     plt.close(fig)
 
 
-def publish(out_dir: Path, files: dict[str, list[dict[str, str]]], report: dict[str, Any]) -> None:
-    """Write every output into a temporary folder inside ``out_dir``, then rename them into place.
+PUBLISH_JOURNAL = ".prep-journal.json"
+"""Present in ``--out-dir`` only while a new set of outputs replaces the old one."""
+PREVIOUS = "previous"
+"""Folder inside the staging folder holding hard links to the set being replaced."""
 
-    Nothing in ``out_dir`` changes until every file has been written completely; the
-    report is renamed last, so a report always describes files that exist.
+
+def publish(out_dir: Path, files: dict[str, list[dict[str, str]]], report: dict[str, Any]) -> None:
+    """Replace the outputs in ``out_dir`` with a new, complete set: never a mix of two sets.
+
+    Every file is first written whole into a staging folder inside ``out_dir``, beside hard links
+    to the files it replaces. A journal naming the staging folder is then written, the files are
+    renamed into place with SIGINT/SIGTERM/SIGHUP held, and the journal is removed. A failure
+    during the renames puts the previous set back; a process killed there leaves the journal, and
+    the next run or ``--check`` completes the new set (:func:`recover`). The report goes last.
     """
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".prep-", dir=out_dir))
+        recover(out_dir)
+        staging = Path(tempfile.mkdtemp(prefix=f".prep-{os.getpid()}-", dir=out_dir))
     except OSError as exc:
         raise PrepError(f"{out_dir}: cannot write there ({exc.strerror or exc}); choose another --out-dir") from exc
+    journal = out_dir / PUBLISH_JOURNAL
     try:
         outputs: dict[str, Any] = {}
         for name in sorted(files):
@@ -1109,12 +1124,86 @@ def publish(out_dir: Path, files: dict[str, list[dict[str, str]]], report: dict[
             names.append(OUT_PLOT)
         except Exception as exc:  # the picture is a convenience; the data must not depend on it
             log(f"warning: {OUT_PLOT} not drawn ({type(exc).__name__}: {exc})")
+        names.append(OUT_REPORT)
+        (staging / PREVIOUS).mkdir()
         for name in names:
-            os.replace(staging / name, out_dir / name)
-        os.replace(staging / OUT_REPORT, out_dir / OUT_REPORT)
-        _fsync_dir(out_dir)
+            if (out_dir / name).is_file():
+                os.link(out_dir / name, staging / PREVIOUS / name)
+        _fsync_dir(staging)
+        with signals_held():
+            write_json_atomic(journal, {"staging": staging.name, "names": names})
+            try:
+                _move_in(out_dir, staging, names)
+            except BaseException:
+                _restore_previous(out_dir, staging, names)
+                journal.unlink(missing_ok=True)
+                raise
+            journal.unlink()
+            _fsync_dir(out_dir)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not journal.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_in(out_dir: Path, staging: Path, names: Sequence[str]) -> None:
+    """Rename each staged file over its final name; a name already moved is skipped (resumable)."""
+    for name in names:
+        if (staging / name).exists():
+            os.replace(staging / name, out_dir / name)
+    _fsync_dir(out_dir)
+
+
+def _restore_previous(out_dir: Path, staging: Path, names: Sequence[str]) -> None:
+    """Put the replaced set back: its files from the hard links, and no file it did not have."""
+    for name in names:
+        kept = staging / PREVIOUS / name
+        if kept.exists():
+            os.replace(kept, out_dir / name)
+        elif not (staging / name).exists():  # moved in, but the previous set had no such file
+            (out_dir / name).unlink(missing_ok=True)
+    _fsync_dir(out_dir)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover(out_dir: Path) -> str | None:
+    """Finish what a killed :func:`publish` left in ``out_dir``; returns what was done, if anything.
+
+    With a journal, the staged set is complete (the journal is written after it), so the renames
+    are completed. Staging folders of processes that are gone are removed.
+    """
+    done = None
+    journal = out_dir / PUBLISH_JOURNAL
+    if journal.exists():
+        try:
+            entry = json.loads(journal.read_text(encoding="utf-8"))
+            staging, names = out_dir / entry["staging"], list(entry["names"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise PrepError(f"{journal}: unreadable ({exc}); remove it and run prepare_sft_data.py again") from None
+        with signals_held():
+            if staging.is_dir():
+                _move_in(out_dir, staging, names)
+            journal.unlink()
+            _fsync_dir(out_dir)
+        done = f"{out_dir}: completed an interrupted write of {len(names)} file(s)"
+    for leftover in out_dir.glob(".prep-*"):  # staging folders and temporary files, ".prep-<pid>-..."
+        parts = leftover.name.split("-")
+        pid = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
+        if leftover.name == PUBLISH_JOURNAL or (pid is not None and pid != os.getpid() and _pid_alive(pid)):
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    return done
 
 
 def _fsync_dir(path: Path) -> None:
@@ -1131,18 +1220,36 @@ def _fsync_dir(path: Path) -> None:
 
 
 def verify_outputs(out_dir: Path) -> list[str]:
-    """Problems found when checking the files in ``out_dir`` against its report (empty when all match)."""
+    """Problems found when checking the files in ``out_dir`` against its report (empty when all match).
+
+    Every output the report lists must exist with its sha256, every training output must be
+    listed, and no output file may be present that the report does not list: a report edited to
+    drop a tampered file's entry, or emptied, does not pass. Only a report rewritten to agree with
+    tampered files does (it would need new hashes, by hand).
+    """
     report_path = out_dir / OUT_REPORT
     try:
         report = json.loads(report_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        return [f"{report_path}: cannot read the report ({exc})"]
+        return [f"{report_path}: cannot read the report ({exc}); run prepare_sft_data.py again"]
+    outputs = report.get("outputs") if isinstance(report, dict) else None
+    if not isinstance(outputs, dict):
+        return [f"{report_path}: malformed (no 'outputs' object); run prepare_sft_data.py again"]
     problems = []
-    for name, expected in report.get("outputs", {}).items():
+    for name in REQUIRED_OUTPUTS:
+        if name not in outputs:
+            problems.append(f"{report_path}: does not list {name}, which every run writes")
+    for name in ALL_OUTPUTS:
+        if name not in outputs and (out_dir / name).exists():
+            problems.append(f"{out_dir / name}: present but not in {OUT_REPORT} (from another run, or the report was edited)")
+    for name, expected in sorted(outputs.items()):
         path = out_dir / name
-        if not path.is_file():
+        sha = expected.get("sha256") if isinstance(expected, dict) else None
+        if name not in ALL_OUTPUTS or not isinstance(sha, str):
+            problems.append(f"{report_path}: malformed entry for {name!r}; run prepare_sft_data.py again")
+        elif not path.is_file():
             problems.append(f"{path}: missing")
-        elif file_sha256(path) != expected["sha256"]:
+        elif file_sha256(path) != sha:
             problems.append(f"{path}: sha256 differs from the report (file changed or from another run)")
     return problems
 

@@ -416,10 +416,11 @@ def test_failure_mid_write_leaves_previous_outputs(fixture_files, tmp_path, monk
     assert not [p for p in out.iterdir() if p.name.startswith(".prep-")]
 
 
-def test_failure_while_renaming_keeps_report_consistent(fixture_files, tmp_path, monkeypatch):
-    """A crash between renames: the old report still describes the files it lists."""
+def test_failure_while_renaming_puts_the_previous_set_back(fixture_files, tmp_path, monkeypatch):
+    """A rename fails midway: the files already replaced get their previous versions back."""
     out = tmp_path / "out"
     assert run_cli(fixture_files, out, *SIZES) == 0
+    before = snapshot(out)
     import os
 
     real_replace = os.replace
@@ -427,7 +428,7 @@ def test_failure_while_renaming_keeps_report_consistent(fixture_files, tmp_path,
 
     def failing_replace(src, dst):
         calls["n"] += 1
-        if calls["n"] == 3:  # after aime_eval.jsonl and probe_set_200.jsonl (sorted order)
+        if calls["n"] == 4:  # the journal, then aime_eval.jsonl and probe_set_200.jsonl were renamed
             raise OSError("rename failed (injected)")
         return real_replace(src, dst)
 
@@ -435,9 +436,79 @@ def test_failure_while_renaming_keeps_report_consistent(fixture_files, tmp_path,
     with pytest.raises(OSError, match="injected"):
         run_cli(fixture_files, out, *SIZES, "--seed", "7")
     monkeypatch.setattr(dp.os, "replace", real_replace)
-    # One file was replaced before the failure: --check must say so instead of trusting it.
-    assert prepare_sft_data.main(["--check", "--out-dir", str(out)]) == 1
+    assert calls["n"] >= 4
+    assert snapshot(out) == before
+    assert prepare_sft_data.main(["--check", "--out-dir", str(out)]) == 0
     assert not [p for p in out.iterdir() if p.name.startswith(".prep-")]
+
+
+_KILLED_RUN = """
+import os, sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+import prepare_sft_data
+target, signum, count = int(os.environ["KILL_AT"]), int(os.environ["KILL_SIG"]), [0]
+
+def killing(real):
+    def call(*args, **kwargs):
+        count[0] += 1
+        if count[0] == target:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+    return call
+
+# every change of a name in the output folder is a kill point
+os.replace, os.link, os.unlink, os.rmdir = (killing(f) for f in (os.replace, os.link, os.unlink, os.rmdir))
+sys.exit(prepare_sft_data.main(sys.argv[1:]))
+"""
+
+
+def _output_set(out: Path) -> dict:
+    """The folder's outputs, with the report reduced to what it says of them (its args name the folder)."""
+    state = snapshot(out)
+    state.pop(dp.OUT_PLOT, None)
+    state[dp.OUT_REPORT] = json.loads(state[dp.OUT_REPORT])["outputs"]
+    return state
+
+
+def _killed_at(point: int, signum: int, argv: list[str]) -> subprocess.CompletedProcess:
+    import os
+
+    code = _KILLED_RUN.format(repo=str(REPO), tests=str(REPO / "tests"))
+    env = {**os.environ, "KILL_AT": str(point), "KILL_SIG": str(signum)}
+    return subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_kill_at_any_point_leaves_one_whole_set(fixture_files, tmp_path):
+    """SIGKILL at every rename, link and unlink of a second run, SIGTERM and SIGINT at some: afterwards
+    (and after --check, which completes an interrupted write) the folder holds the first set or the
+    second, whole, and no staging folder."""
+    import os
+    import signal
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    argv = ["--source", str(fixture_files["parquet"]), "--ood-source", str(fixture_files["ood"]), "--aime-source",
+            str(fixture_files["aime"]), "--no-progress", *SIZES]
+    assert prepare_sft_data.main([*argv, "--out-dir", str(first)]) == 0
+    assert prepare_sft_data.main([*argv, "--out-dir", str(second), "--seed", "7"]) == 0
+    old, new = _output_set(first), _output_set(second)
+    assert old != new
+    outcomes = Counter()
+    for signum, points in ((signal.SIGKILL, range(1, 80)), (signal.SIGTERM, (3, 11, 14, 20)),
+                           (signal.SIGINT, (12, 16, 31))):
+        for point in points:
+            out = tmp_path / f"kill-{signum}-{point}"
+            assert prepare_sft_data.main([*argv, "--out-dir", str(out)]) == 0
+            proc = _killed_at(point, signum, [*argv, "--out-dir", str(out), "--seed", "7"])
+            finished = proc.returncode == 0
+            assert prepare_sft_data.main(["--check", "--out-dir", str(out)]) == 0, (signum, point, proc.stderr[-2000:])
+            state = _output_set(out)
+            assert state in (old, new), (signum, point)
+            assert not [p.name for p in out.iterdir() if p.name.startswith(".prep-")], (signum, point)
+            outcomes[(signum, "new" if state == new else "old")] += 1
+            if finished:  # the run never reached this point: every point of this signal was tried
+                break
+    assert outcomes[(signal.SIGKILL, "new")] >= 1 and outcomes[(signal.SIGKILL, "old")] >= 1, outcomes
 
 
 def test_bad_source_leaves_previous_outputs(fixture_files, tmp_path, capsys):
