@@ -571,8 +571,10 @@ def _normalize(value) -> tuple[str, bool]:
     """``(canonical string, is_number)``; ``("", False)`` for anything unusable."""
     if isinstance(value, bool) or value is None:
         return "", False
-    if isinstance(value, numbers.Number) and not isinstance(value, (int, float)) and callable(getattr(value, "item", None)):
-        value = value.item()  # a numpy integer or float scalar (a label read from parquet): its Python number
+    if isinstance(value, numbers.Number) and type(value) not in (int, float) and callable(getattr(value, "item", None)):
+        # A numpy integer or float scalar (a label read from parquet): its Python number. np.float64
+        # subclasses float but its repr is "np.float64(5.0)", which Decimal cannot read.
+        value = value.item()
     if isinstance(value, bool):
         return "", False
     if isinstance(value, int):

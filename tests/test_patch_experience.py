@@ -59,6 +59,14 @@ def tree(request, vllm_stub):
     return request.getfixturevalue(f"{request.param}_root")
 
 
+@pytest.fixture(autouse=True)
+def fresh_warnings():
+    """The patched tree's hook warns once per key and process: each test sees its own first warnings."""
+    from rft.openrlhf import rollout_rewards
+
+    rollout_rewards._warned.clear()
+
+
 def experiences(gen, responses: list[dict]) -> list:
     return [gen._process_response_into_experience(r, **GENERATE_KWARGS) for r in responses]
 
@@ -218,6 +226,21 @@ def test_a_failed_reward_among_string_logs_still_splits(patched_root, vllm_stub,
     assert [item.info["reward_failures"].item() for item in items] == [0.0, 1.0, 0.0]
     assert [item.info["reward"].item() for item in items] == [1.0, 0.0, 0.0]
     assert [e.rewards.item() for e in batch] == [1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "tree", xfail_pristine("0.9.3 calls torch.tensor() on the reward's extracted answer", ValueError), indirect=True
+)
+def test_the_rewards_extracted_answer_rides_beside_the_numbers(tree, monkeypatch):
+    """reward_func_em's text log: batched as text (None where the reward failed), never a tensor."""
+    batch, items = generate_and_split(tree, monkeypatch, [
+        response(1.0, extra_logs={"acc": 1.0, "extracted_answer": "42"}),
+        response(None, scores=None),  # the reward function raised: no extra_logs, no answer
+        response(0.0, extra_logs={"acc": 0.0, "extracted_answer": None}),
+    ])
+    assert [e.info["extracted_answer"] for e in batch] == [["42"], [None], [None]]
+    assert [item.info["extracted_answer"] for item in items] == ["42", None, None]
+    assert [item.info["acc"].item() for item in items] == [1.0, 0.0, 0.0]
 
 
 def test_canary_pristine_hooks():

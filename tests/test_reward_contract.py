@@ -30,6 +30,7 @@ import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import oprl
@@ -97,8 +98,49 @@ def test_loaded_by_path_returns_openrlhf_shapes():
     out = module.reward_func([PROMPT + response], [PROMPT], [label])
     assert set(out) == {"rewards", "scores", "extra_logs"}
     assert type(out["rewards"]) is float and out["rewards"] == reward and out["scores"] == reward
-    assert tuple(out["extra_logs"]) == module.EXTRA_LOG_KEYS
-    assert all(type(v) is float for v in out["extra_logs"].values())
+    assert tuple(out["extra_logs"]) == module.EXTRA_LOG_KEYS + module.TEXT_LOG_KEYS
+    assert all(type(out["extra_logs"][k]) is float for k in module.EXTRA_LOG_KEYS)
+    assert out["extra_logs"]["extracted_answer"] == "42"  # the answer it compared, as text
+
+
+@pytest.mark.parametrize(
+    "response",
+    [response for response, _, _ in SAMPLES] + ["no answer at all", "\\boxed{", "x = 5 cm", 42, None],
+)
+def test_extracted_answer_is_the_one_the_eval_computes(response):
+    """The samples log shows what eval_posthoc.py extracts from the same response: one parser, one answer."""
+    out = reward_func_em.reward_func([PROMPT + response if isinstance(response, str) else response], [PROMPT], ["42"])
+    expected = None
+    if isinstance(response, str):
+        expected, _ = reward_func_em.extract_answer(reward_func_em.extract_final_text(response))
+    assert out["extra_logs"]["extracted_answer"] == expected
+    assert reward_func_em.score_with_answer(response, "42") == (reward_func_em.score_response(response, "42"), expected)
+
+
+@pytest.mark.parametrize(
+    ("label", "reward"),
+    [
+        ("5", 1.0),
+        (5, 1.0),
+        (5.0, 1.0),
+        # labels read from a parquet file through pandas arrive as numpy scalars
+        pytest.param(np.int64(5), 1.0, id="np.int64"),
+        pytest.param(np.int32(5), 1.0, id="np.int32"),
+        pytest.param(np.float64(5.0), 1.0, id="np.float64"),
+        pytest.param(np.float32(5.0), 1.0, id="np.float32"),
+        pytest.param(np.int64(6), 0.0, id="np.int64-wrong"),
+        pytest.param(np.float64("nan"), 0.0, id="np.nan"),
+    ],
+)
+def test_numpy_scalar_labels_score_like_python_numbers(label, reward):
+    out = reward_func_em.reward_func([PROMPT + "<|channel|>final<|message|>\\boxed{5}<|return|>"], [PROMPT], [label])
+    assert out["rewards"] == reward
+    assert out["extra_logs"]["reward_error"] == (1.0 if label != label else 0.0)  # only NaN is an unusable label
+
+
+def test_a_numpy_bool_label_is_not_a_number():
+    out = reward_func_em.reward_func(["\\boxed{1}"], [""], [np.bool_(True)])
+    assert out["rewards"] == 0.0 and out["extra_logs"]["reward_error"] == 1.0
 
 
 def test_standard_library_only(tmp_path):
@@ -211,7 +253,15 @@ def test_stripped_form_is_what_hf_decode_produces():
     assert reward_func_em.score_response(tok.decode(ids, skip_special_tokens=False), "42")["reward"] == 1.0
 
 
-@pytest.mark.parametrize("tree", ["pristine", "patched"])
+@pytest.mark.parametrize(
+    "tree",
+    [
+        # 0.9.3 calls torch.tensor() on every extra_logs value, the extracted answer too: the
+        # reward's text log needs the patched experience maker (experience_maker.patch)
+        pytest.param("pristine", marks=pytest.mark.xfail(strict=True, raises=ValueError, reason="0.9.3 tensors text")),
+        "patched",
+    ],
+)
 def test_through_openrlhf_executor_and_experience_maker(tree, request, vllm_stub):
     import torch
 
@@ -248,6 +298,8 @@ def test_through_openrlhf_executor_and_experience_maker(tree, request, vllm_stub
     assert [e.info["has_final_channel"].item() for e in experiences] == [1.0, 1.0, 0.0, 1.0, 1.0]
     assert [e.info["truncated_response"].item() for e in experiences] == [0.0, 0.0, 1.0, 0.0, 0.0]
     assert len({tuple(sorted(e.info)) for e in experiences}) == 1  # same keys for every sample
+    # the answers the reward compared, as text beside the tensors
+    assert [e.info["extracted_answer"] for e in experiences] == [["42"], ["41"], [None], ["4{,}2"], ["42"]]
 
     batch = em.Experience.concat_experiences(experiences, tok.pad_token_id or 0)
     for key in reward_func_em.EXTRA_LOG_KEYS:
@@ -267,7 +319,8 @@ def test_no_key_shadows_openrlhf(vllm_stub, pristine_root):
     reserved = own | {"kl", "logprobs_diff", "group_reward_std", "return", "reward_failures", "policy_loss", "actor_lr",
                       "ppo_clip_ratio", "ppo_kl", "vllm_kl", "entropy_loss", "generated_samples"}
     assert {"reward", "score", "response_length", "total_length", "truncated"} <= own
-    assert not reserved & set(reward_func_em.EXTRA_LOG_KEYS)
+    assert not reserved & set(reward_func_em.EXTRA_LOG_KEYS + reward_func_em.TEXT_LOG_KEYS)
+    assert not set(reward_func_em.EXTRA_LOG_KEYS) & set(reward_func_em.TEXT_LOG_KEYS)
 
 
 def test_bench_scores_its_samples_as_intended(capsys, monkeypatch):

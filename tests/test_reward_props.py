@@ -61,11 +61,11 @@ def test_any_text_gives_a_well_formed_result(response, label):
 def test_reward_func_matches_score_response(prompt, response, label):
     out = rf.reward_func([prompt + response], [prompt], [label])
     assert set(out) == {"rewards", "scores", "extra_logs"}
-    assert tuple(out["extra_logs"]) == rf.EXTRA_LOG_KEYS
-    expected = rf.score_response(rf.strip_prompt(prompt + response, prompt), label)
+    assert tuple(out["extra_logs"]) == rf.EXTRA_LOG_KEYS + rf.TEXT_LOG_KEYS
+    expected, answer = rf.score_with_answer(rf.strip_prompt(prompt + response, prompt), label)
     assert out["rewards"] == out["scores"] == expected["reward"]
-    assert out["extra_logs"] == {k: expected[k] for k in rf.EXTRA_LOG_KEYS}
-    check_result({"reward": out["rewards"], **out["extra_logs"]})
+    assert out["extra_logs"] == {**{k: expected[k] for k in rf.EXTRA_LOG_KEYS}, "extracted_answer": answer}
+    check_result({"reward": out["rewards"], **{k: out["extra_logs"][k] for k in rf.EXTRA_LOG_KEYS}})
 
 
 @PROPS
