@@ -349,13 +349,15 @@ class _Parsed(Exception):
         self.namespace = namespace
 
 
-def parse_train_argv(argv: list[str], path: Path) -> tuple[argparse.Namespace, list[str]]:
+def parse_train_argv(argv: list[str], path: Path, check=None) -> tuple[argparse.Namespace, list[str]]:
     """The namespace ``train(args)`` would get from ``argv``, and the warnings the file printed.
 
     Runs the main block of ``path`` (OpenRLHF's own parser and its own argument validation)
     with ``train`` replaced, so nothing is imported or started. Abbreviations are refused
     (``allow_abbrev=False``): the printed command and the manifest must say the flag in full.
-    Raises :class:`Refusal` with the parser's or the validation's message.
+    ``check`` (namespace -> refusal or None) runs on the values as parsed, before the file's
+    validation, whose asserts would otherwise speak first and name no flag.
+    Raises :class:`Refusal` with the parser's, ``check``'s or the validation's message.
     """
 
     class Parser(argparse.ArgumentParser):
@@ -363,7 +365,11 @@ def parse_train_argv(argv: list[str], path: Path) -> tuple[argparse.Namespace, l
             super().__init__(*args, **{**kwargs, "allow_abbrev": False})
 
         def parse_args(self, args=None, namespace=None):
-            return super().parse_args(list(argv) if args is None else args, namespace)
+            parsed = super().parse_args(list(argv) if args is None else args, namespace)
+            line = check(parsed) if check else None
+            if line:
+                raise Refusal(line)
+            return parsed
 
         def error(self, message):
             raise Refusal(_parser_message(message, self))
@@ -382,6 +388,8 @@ def parse_train_argv(argv: list[str], path: Path) -> tuple[argparse.Namespace, l
             exec(_main_block(path), scope)
     except _Parsed as done:
         return done.namespace, [l for l in printed.getvalue().splitlines() if l.strip()]
+    except Refusal:
+        raise
     except AssertionError as exc:
         raise Refusal(f"arguments: OpenRLHF refuses them: {exc}") from None
     except Exception as exc:  # the validation itself breaks on a combination (None > 0)
@@ -438,16 +446,20 @@ def absolute_paths(argv: list[str], cwd: str, exists=os.path.exists) -> list[str
     return out
 
 
-def check_namespace(ns: argparse.Namespace) -> str | None:
-    """What rft knows cannot work, on the arguments as OpenRLHF parsed them; None when fine."""
-    flag_setting = {rule.flag: name for name, rule in SETTINGS.items() if rule.flag}
+def check_bounds(ns: argparse.Namespace) -> str | None:
+    """The first flag whose parsed value breaks its setting's bounds (SETTINGS), named with the setting."""
     for name, rule in SETTINGS.items():
         if not rule.flag or (rule.when and not getattr(ns, rule.when, None)):
             continue
         value = getattr(ns, rule.flag)
         if out_of_bounds(value, rule):
-            return (f"--{rule.flag} {value:g} (setting {flag_setting[rule.flag]}): must be {_bounds(rule)}; "
-                    f"for example {_example(name, rule)}")
+            return (f"--{rule.flag} {value:g} (setting {name}): must be {_bounds(rule)}; "
+                    f"for example {_example(name, rule)} or --{rule.flag} {EXAMPLES[name]}")
+    return None
+
+
+def check_namespace(ns: argparse.Namespace) -> str | None:
+    """What rft knows cannot work, on the arguments as OpenRLHF validated them; None when fine."""
     if ns.packing_samples:
         return ("--packing_samples: OpenRLHF then switches attention to FlashAttention-2, which drops gpt-oss's "
                 "attention sinks (--use_dynamic_batch and --ring_attn_size > 1 turn it on too); drop it")
@@ -512,7 +524,7 @@ def resolve(command: list[str], settings: dict[str, str], cwd: str,
     if line:
         raise Refusal(line)
     command = command[:i] + absolute_paths(command[i:], cwd)
-    ns, notes = parse_train_argv(command[i:], train_file())
+    ns, notes = parse_train_argv(command[i:], train_file(), check_bounds)
     line = check_namespace(ns) or missing_root({**run_paths, "--save_path": ns.save_path, "--ckpt_path": ns.ckpt_path},
                                                roots)
     if line:

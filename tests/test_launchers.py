@@ -243,7 +243,7 @@ def test_arguments_win_over_defaults_and_environment(bed, patched_root):
 def test_more_episodes_without_a_shorter_warmup_is_refused(bed):
     """The same override without the warmup: the pre-flight sees 50 episodes and refuses."""
     proc = bed.run(LAUNCHERS["20b"], "--dry-run", "--num_episodes", "50", "--actor_learning_rate", "1e-6")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "ABORT: LR at step 20 is 1.9e-07 = 19.0% of the target 1e-06" in proc.stdout
     assert last_line(proc).startswith("train_grpo_20b: pre-flight: ")
 
@@ -253,7 +253,7 @@ def test_argument_paths_are_checked_and_made_absolute(bed, patched_root):
     _, argv = dry_run(bed, "20b", "--prompt_data", "elsewhere/pool.jsonl")
     assert parse_train_args(patched_root, argv).prompt_data == str(other)
     proc = bed.run(LAUNCHERS["20b"], "--dry-run", "--prompt_data", "nowhere.jsonl")
-    assert proc.returncode == 1 and "data:" in last_line(proc) and "nowhere.jsonl: not found" in last_line(proc)
+    assert proc.returncode == 2 and "data:" in last_line(proc) and "nowhere.jsonl: not found" in last_line(proc)
 
 
 def test_reward_module_and_local_model_by_argument(bed, patched_root):
@@ -266,41 +266,62 @@ def test_reward_module_and_local_model_by_argument(bed, patched_root):
     _, argv = dry_run(bed, "20b", "--pretrain", "openai/gpt-oss-20b")  # a hub id stays as it is
     assert parse_train_args(patched_root, argv).pretrain == "openai/gpt-oss-20b"
     proc = bed.run(LAUNCHERS["20b"], "--dry-run", "--remote_rm_url", "missing.py")
-    assert proc.returncode == 1 and last_line(proc).startswith(f"train_grpo_20b: reward: {bed.root}/missing.py not found")
+    assert proc.returncode == 2 and last_line(proc).startswith(f"train_grpo_20b: reward: {bed.root}/missing.py not found")
 
 
-def test_abbreviated_tracked_flag_is_refused(bed):
+def test_an_abbreviated_flag_is_refused_with_its_full_name(bed):
+    """argparse would take --num_episode for --num_episodes; the command and manifest must say it in full."""
     proc = bed.run(LAUNCHERS["20b"], "--dry-run", "--num_episode", "50")
-    assert proc.returncode == 1
-    assert last_line(proc) == "train_grpo_20b: argument --num_episode: write --num_episodes in full (the launcher reads it to check the run)"
+    assert proc.returncode == 2
+    assert last_line(proc) == ("train_grpo_20b: argument --num_episode: write it in full (--num_episodes); "
+                               "the launcher records flags as written")
+    assert proc.stderr.count("\n") == 1
 
 
-def test_tracked_flags_exist_and_no_real_flag_is_a_prefix_of_one(patched_root):
-    """The launcher's abbreviation rule is exact for the real parser's option set."""
-    src = (REPO / "grpo_common.sh").read_text()
-    tracked = re.findall(r"^\s+\[(--[a-z_]+)\]=", src, flags=re.M)
-    assert len(tracked) >= 15
-    known = set(build_train_parser(patched_root)._option_string_actions)
-    for flag in tracked:
-        assert flag in known, flag
-        assert not [k for k in known if k != flag and flag.startswith(k) and k.startswith("--")], flag
+def test_every_setting_flag_is_a_real_option(patched_root):
+    """Each launcher setting that rft/launch_tools.py bounds names a flag of the real parser."""
+    from rft.launch_tools import SETTINGS
+
+    dests = {a.dest for a in build_train_parser(patched_root)._actions}
+    flags = {rule.flag for rule in SETTINGS.values() if rule.flag}
+    assert len(flags) >= 25 and flags <= dests, flags - dests
 
 
 def test_lr_scheduler_other_than_cosine_with_min_lr_is_refused(bed):
     proc = bed.run(LAUNCHERS["20b"], "--dry-run", "--lr_scheduler", "linear")
-    assert proc.returncode == 1 and "only cosine_with_min_lr accepts" in last_line(proc)
+    assert proc.returncode == 2 and "only cosine_with_min_lr accepts" in last_line(proc)
 
 
-def test_ema_with_lora_is_refused(bed, patched_root):
+def test_ema_is_refused_since_rft_trains_lora_only(bed):
     """0.9.3's moving_average zips the policy's and the EMA model's parameters: LoRA breaks it."""
     proc = bed.run(LAUNCHERS["20b"], "--dry-run", "--enable_ema")
-    assert proc.returncode == 1
-    assert last_line(proc).startswith("train_grpo_20b: argument --enable_ema: OpenRLHF 0.9.3's EMA update")
+    assert proc.returncode == 2
+    assert last_line(proc).startswith("train_grpo_20b: --enable_ema: OpenRLHF 0.9.3's EMA update")
     assert "(--lora_rank 32); drop --enable_ema" in last_line(proc)
-    # without LoRA (full fine-tuning) EMA is a valid choice and goes through to the parser
-    _, argv = dry_run(bed, "20b", "--enable_ema", "--lora_rank", "0")
-    args = parse_train_args(patched_root, argv)
-    assert args.enable_ema is True and args.lora_rank == 0
+    # and a full fine-tune, where EMA would work, is no rft run: the sync and the saves are adapter-only
+    proc = bed.run(LAUNCHERS["20b"], "--dry-run", "--enable_ema", "--lora_rank", "0")
+    assert proc.returncode == 2 and last_line(proc).startswith("train_grpo_20b: --lora_rank 0 (setting LORA_RANK)")
+
+
+def test_manifest_records_the_values_openrlhf_parses(bed, patched_root):
+    """Flags the launcher never reads are in the manifest as the run will use them (issue: EPS_CLIP=0.1 there)."""
+    _, argv = dry_run(bed, "20b", "--eps_clip", "0.2", "--lora_alpha", "16")
+    recorded = bed.manifest("gpt-oss-20b-grpo")["openrlhf_args"]
+    assert (recorded["eps_clip"], recorded["lora_alpha"], recorded["eps_clip_low_high"]) == (0.2, 16, [0.2, 0.2])
+    parsed = vars(parse_train_args(patched_root, argv))
+    assert set(recorded) == set(parsed)
+    assert recorded["actor_learning_rate"] == 5e-7 and recorded["offload"] is False
+    assert "LORA_ALPHA" not in bed.manifest("gpt-oss-20b-grpo")["settings"]  # no second truth
+
+
+def test_manifest_names_the_run_log_paths_by_their_contract_names(bed):
+    from rft.contract import ENV_METRICS_DIR, ENV_SAMPLES_DIR, ENV_SPIKE_PATH
+
+    dry_run(bed, "20b", SPIKE_LOG_PATH=str(bed.root / "mnt_scratch" / "spikes" / "s.jsonl"))
+    logs = bed.manifest("gpt-oss-20b-grpo")["run_logs"]
+    metrics = bed.metrics_dir("gpt-oss-20b-grpo")
+    assert logs == {ENV_METRICS_DIR: str(metrics), ENV_SAMPLES_DIR: str(bed.root / "mnt_scratch/rft_samples/gpt-oss-20b-grpo"),
+                    ENV_SPIKE_PATH: str(bed.root / "mnt_scratch/spikes/s.jsonl"), "LOG_FILE": str(metrics / "train.log")}
 
 
 def test_user_secret_is_not_printed_or_recorded(bed, patched_root):
@@ -314,9 +335,10 @@ def test_user_secret_is_not_printed_or_recorded(bed, patched_root):
 def test_refuses_without_patch_tool_on_a_bare_machine(bed):
     """No patches, no data, no GPU: the first check (patches) refuses, with one line."""
     bed.env.pop("APPLY_PATCHES")
+    bed.env.pop("PYTHONPATH")  # the environment's own openrlhf: pristine, so --status fails
     bed.env["DATA_DIR"] = str(bed.root / "no_data")
     proc = bed.run(LAUNCHERS["20b"], "--dry-run")
-    assert proc.returncode == 1
+    assert proc.returncode == 3
     assert last_line(proc).startswith("train_grpo_20b: patches: ")
     assert "check: data" not in proc.stdout
 
@@ -324,7 +346,7 @@ def test_refuses_without_patch_tool_on_a_bare_machine(bed):
 def test_refuses_a_python_without_openrlhf(bed, tmp_path):
     bare = _script(tmp_path / "python-without-openrlhf", 'exec /usr/bin/env -i /bin/false "$@"\n')
     proc = bed.run(LAUNCHERS["20b"], "--dry-run", PYTHON=str(bare))
-    assert proc.returncode == 1
+    assert proc.returncode == 3
     assert last_line(proc) == (f"train_grpo_20b: python: {bare} cannot import openrlhf; "
                                "activate the training environment or set PYTHON")
 
@@ -332,10 +354,21 @@ def test_refuses_a_python_without_openrlhf(bed, tmp_path):
 def test_refuses_when_a_patch_is_not_applied(bed):
     _script(bed.patches, 'echo "offload_cli.patch  not applied"; exit 1\n')
     proc = bed.run(LAUNCHERS["120b"], "--dry-run")
-    assert proc.returncode == 1
-    assert last_line(proc) == ("train_grpo_120b: patches: not every patch of patches/series is applied "
-                               "to the installed OpenRLHF; run: bash apply_patches.sh")
-    assert "offload_cli.patch  not applied" in proc.stderr
+    assert proc.returncode == 3
+    assert proc.stderr == ("train_grpo_120b: patches: not every patch of patches/series is applied "
+                           "to the installed OpenRLHF; run: bash apply_patches.sh\n")
+    assert "offload_cli.patch  not applied" in proc.stdout
+    assert os.listdir(bed.root / "mnt_scratch") == []
+
+
+def test_refuses_when_rft_resolves_to_another_checkout(bed):
+    """apply_patches.sh --status exits 6 when the training Python's ``import rft`` is not this checkout."""
+    _script(bed.patches, 'echo "rft: /elsewhere/rft (not this checkout)"; exit 6\n')
+    proc = bed.run(LAUNCHERS["20b"], "--dry-run")
+    assert proc.returncode == 3
+    assert proc.stderr == (f"train_grpo_20b: rft: import rft in {sys.executable} does not resolve to {REPO}, so the "
+                           f"patched OpenRLHF would run another copy's hooks; run: {sys.executable} -m pip install -e "
+                           f"{REPO} (or bash setup_node.sh)\n")
 
 
 def test_patch_status_is_asked_with_status(bed):
@@ -347,7 +380,7 @@ def test_patch_status_is_asked_with_status(bed):
 @pytest.mark.parametrize("case, expect", [
     ("missing", "sft_rl_pool.jsonl: not found; regenerate it with: python prepare_sft_data.py"),
     ("empty", "sft_rl_pool.jsonl: empty; regenerate it with: python prepare_sft_data.py"),
-    ("keys", "sft_rl_pool.jsonl: rows lack key(s) label (found input)"),
+    ("keys", "sft_rl_pool.jsonl: line 1 has no label (found input)"),
     ("eval", "probe_set_200_ood.jsonl: not found"),
 ])
 def test_refuses_bad_data(bed, case, expect):
@@ -360,13 +393,13 @@ def test_refuses_bad_data(bed, case, expect):
     else:
         bed.eval.unlink()
     proc = bed.run(LAUNCHERS["20b"], "--dry-run")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert last_line(proc).startswith("train_grpo_20b: data: ") and expect in last_line(proc)
 
 
 def test_refuses_a_missing_reward_module(bed):
     proc = bed.run(LAUNCHERS["20b"], "--dry-run", REWARD_FUNC="nowhere/reward.py")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert last_line(proc) == (f"train_grpo_20b: reward: {bed.root}/nowhere/reward.py not found; "
                                "set REWARD_FUNC to the reward module (it must define reward_func)")
 
@@ -387,14 +420,14 @@ def test_refuses_an_eval_set_that_max_samples_would_cut(bed, patched_root, vllm_
     assert len(eval_set) == 80  # of 202 rows
 
     proc = bed.run(LAUNCHERS["120b"], "--dry-run", "--max_samples", "80")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert last_line(proc).startswith(f"train_grpo_120b: data: {bed.eval} has 202 rows but --max_samples 80 "
                                       "also cuts the eval set")
 
 
 def test_refuses_a_schedule_the_preflight_rejects(bed):
     proc = bed.run(LAUNCHERS["20b"], "--dry-run", WARMUP_RATIO="0.05")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "ABORT: LR at step 20 is" in proc.stdout
     assert last_line(proc).startswith("train_grpo_20b: pre-flight: ")
     assert "check: disk" not in proc.stdout
@@ -402,23 +435,35 @@ def test_refuses_a_schedule_the_preflight_rejects(bed):
 
 def test_refuses_short_disk(bed):
     proc = bed.run(LAUNCHERS["20b"], "--dry-run", MIN_FREE_GB_DATA=str(10**9))
-    assert proc.returncode == 1
+    assert proc.returncode == 3
     assert re.fullmatch(r"train_grpo_20b: disk: \d+ GiB free for .*/mnt_data/rft_checkpoints/gpt-oss-20b-grpo, "
                         r"need 1000000000 GiB; free space or point DATA_ROOT / SCRATCH_ROOT elsewhere", last_line(proc))
 
 
 def test_refuses_unwritable_checkpoint_disk(bed):
     # /proc refuses new files even to root; the nearest existing ancestor is what is probed
-    proc = bed.run(LAUNCHERS["20b"], "--dry-run", DATA_ROOT="/proc/rft-no-such-dir")
-    assert proc.returncode == 1
-    assert last_line(proc) == ("train_grpo_20b: disk: cannot write under /proc (for /proc/rft-no-such-dir/"
+    proc = bed.run(LAUNCHERS["20b"], "--dry-run", DATA_ROOT="/proc")
+    assert proc.returncode == 3
+    assert last_line(proc) == ("train_grpo_20b: disk: cannot write under /proc (for /proc/"
                                "rft_checkpoints/gpt-oss-20b-grpo); set DATA_ROOT / SCRATCH_ROOT to writable disks")
 
 
 def test_refuses_unwritable_metrics_disk(bed):
-    proc = bed.run(LAUNCHERS["20b"], "--dry-run", SCRATCH_ROOT="/proc/rft-no-such-dir")
-    assert proc.returncode == 1
-    assert last_line(proc).startswith("train_grpo_20b: metrics: cannot create /proc/rft-no-such-dir/")
+    proc = bed.run(LAUNCHERS["20b"], "--dry-run", SCRATCH_ROOT="/proc")
+    assert proc.returncode == 3
+    assert last_line(proc) == ("train_grpo_20b: disk: cannot write under /proc (for /proc/rft_metrics/"
+                               "gpt-oss-20b-grpo); set DATA_ROOT / SCRATCH_ROOT to writable disks")
+
+
+@pytest.mark.parametrize("root", ["DATA_ROOT", "SCRATCH_ROOT"])
+def test_refuses_a_missing_mount_and_creates_nothing(bed, root):
+    """The free-space probe would walk up to / and measure the root disk; the mount point is refused."""
+    missing = bed.root / "mnt" / "not-mounted"
+    proc = bed.run(LAUNCHERS["20b"], "--dry-run", **{root: str(missing)})
+    assert proc.returncode == 2
+    assert proc.stderr == (f"train_grpo_20b: {root}={missing} does not exist (is the disk mounted?); mount it, "
+                           f"or set {root} to an existing directory\n")
+    assert not (bed.root / "mnt").exists()
 
 
 # The sizes: each loading process holds the whole bf16 model (docs/gpu_lane.md); the 20b loads a
@@ -429,7 +474,7 @@ def test_launch_refuses_short_host_memory(bed, size, loads, per_load):
     bed.fake_nvidia_smi([0] * 8)
     bed.fake_ray()
     proc = bed.run(LAUNCHERS[size], RFT_MEMINFO=str(bed.meminfo(need - 0.5)))
-    assert proc.returncode == 1
+    assert proc.returncode == 3
     assert last_line(proc) == (
         f"train_grpo_{size}: host memory: {need - 1} GiB available, {loads} processes loading at once "
         f"need about {need} GiB ({per_load} each); free memory, set INIT_KL_COEF=0 (no reference "
@@ -466,7 +511,7 @@ def test_host_memory_check_can_be_turned_off_or_missing(bed):
 
 def test_launch_refuses_without_gpus_after_the_other_checks(bed):
     proc = bed.run(LAUNCHERS["20b"])
-    assert proc.returncode == 1
+    assert proc.returncode == 3
     assert last_line(proc) == "train_grpo_20b: GPUs: nvidia-smi not found; this machine has no NVIDIA driver (8 GPUs needed)"
     assert "check: disk" in proc.stdout
 
@@ -562,7 +607,7 @@ def test_dry_run_creates_metrics_dirs_log_and_manifest(bed):
     assert m["env"]["SPIKE_LOG_PATH"] == str(metrics / "spike_log.jsonl")
     assert m["preflight"]["verdict"] == "ok" and m["preflight"]["total_steps"] == 4000
     assert m["packages"]["openrlhf"] == "0.9.3" and "vllm" in m["packages"]
-    assert m["settings"]["MODEL_SIZE"] == "120b" and m["settings"]["OFFLOAD"] == "1"
+    assert m["settings"]["MODEL_SIZE"] == "120b" and m["openrlhf_args"]["offload"] is True
     assert m["host"] and m["gpus"] == [] and "gpu_error" in m
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert m["git"]["commit"] == head and isinstance(m["git"]["dirty"], bool)
@@ -614,14 +659,16 @@ def test_experiment_default_pool_is_the_400_prompt_file():
 
 def test_launcher_scripts_pass_shellcheck():
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
-    scripts = [REPO / "grpo_common.sh", *LAUNCHERS.values(), REPO / "preflight_lr.sh",
-               *sorted((REPO / "experiments").glob("*.sh"))]
+    scripts = [REPO / "grpo_common.sh", *LAUNCHERS.values(), REPO / "train_grpo_tiny.sh", REPO / "preflight_lr.sh",
+               REPO / "setup_node.sh", REPO / "setup_cpu.sh", *sorted((REPO / "experiments").glob("*.sh"))]
     proc = subprocess.run([shellcheck, "-x", "-S", "style", *map(str, scripts)], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_help_lists_the_knobs_and_launches_nothing(bed):
-    proc = bed.run(LAUNCHERS["120b"], "--help")
+@pytest.mark.parametrize("option", ["--help", "-h"])
+def test_help_lists_the_knobs_and_launches_nothing(bed, option):
+    proc = bed.run(LAUNCHERS["120b"], option)
     assert proc.returncode == 0
     assert "gpt-oss-120b" in proc.stdout and "RAY_ADDRESS" in proc.stdout and "MAX_SAMPLES" in proc.stdout
-    assert not (bed.root / "mnt_scratch").exists()
+    assert "Exit status: 0 done" in proc.stdout
+    assert os.listdir(bed.root / "mnt_scratch") == []
