@@ -741,3 +741,32 @@ def test_parquet_and_jsonl_sources_give_the_same_files(fixture_files, tmp_path):
     assert run_cli(fixture_files, tmp_path / "j", *SIZES, source="jsonl") == 0
     for name in OUTPUTS:
         assert (tmp_path / "p" / name).read_bytes() == (tmp_path / "j" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("tamper", ["outputs_list", "report_list", "no_sha256", "outputs_emptied",
+                                    "tampered_entry_dropped", "unknown_entry"])
+def test_check_catches_a_tampered_report_in_one_line(fixture_files, tmp_path, capsys, tamper):
+    out = tmp_path / "out"
+    assert run_cli(fixture_files, out, *SIZES) == 0
+    report_path = out / dp.OUT_REPORT
+    report = json.loads(report_path.read_text())
+    if tamper == "outputs_list":
+        report["outputs"] = list(report["outputs"])
+    elif tamper == "report_list":
+        report = [report]
+    elif tamper == "no_sha256":
+        del report["outputs"][dp.OUT_POOL]["sha256"]
+    elif tamper == "outputs_emptied":
+        report["outputs"] = {}
+    elif tamper == "tampered_entry_dropped":
+        with open(out / dp.OUT_SFT_DEV, "a") as handle:
+            handle.write('{"input": "x", "label": "1"}\n')
+        del report["outputs"][dp.OUT_SFT_DEV]
+    else:
+        report["outputs"]["../../etc/passwd"] = {"sha256": "0" * 64}
+    report_path.write_text(json.dumps(report))
+    capsys.readouterr()
+    assert prepare_sft_data.main(["--check", "--out-dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip()
+    assert all(str(out) in line for line in err.strip().splitlines())
