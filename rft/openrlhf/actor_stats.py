@@ -1,7 +1,7 @@
 """Exact statistics of one policy update, per global step: what ``metrics_actor.patch`` calls.
 
 OpenRLHF 0.9.3's ``ActorPPOTrainer.ppo_train`` mean-reduces every status value over ranks
-(``strategy.all_reduce``) and over micro-steps (``trainer/ray/ppo_actor.py:189-231``). That
+(``strategy.all_reduce``) and over micro-steps (``trainer/ray/ppo_actor.py:188-216``). That
 turns a maximum into a mean of maxima and a percentile into a mean of percentiles, and it has
 no notion of optimizer steps: DeepSpeed's grad norm exists only at accumulation boundaries
 (``None`` before the first step). So each rank keeps raw accumulations here instead:
@@ -66,10 +66,12 @@ def global_grad_norm(engine: Any) -> Optional[float]:
 
 
 def _fold(acc: dict[str, float], key: str, value: float, op: Callable[[float, float], float]) -> None:
+    """Reduce ``value`` into ``acc[key]`` with ``op``; the first value seeds it (no sentinel to leak out)."""
     acc[key] = value if key not in acc else op(acc[key], value)
 
 
 def _ratio_op(key: str) -> Callable[[float, float], float]:
+    """How a ratio-tail key reduces: a maximum stays a maximum, a minimum a minimum."""
     return max if key in RATIO_MAX_KEYS else min
 
 
