@@ -271,7 +271,11 @@ def test_object_store_sync_puts_one_buffer_for_all_engines(one_rank, monkeypatch
 def test_nccl_sync_fires_the_engines_then_broadcasts_the_buffer_once(one_rank, monkeypatch):
     model, engines = peft_model(seed=4), Engines(2)
     order: list = []
-    group = types.SimpleNamespace(broadcast=lambda tensor, src, stream: order.append((len(engines.calls), tensor.clone(), src)))
+
+    def broadcast(tensor, src, stream):
+        order.append((len(engines.calls), tensor.clone(), src))
+
+    group = types.SimpleNamespace(broadcast=broadcast)
     monkeypatch.setattr(lora_sync, "ray", engines.ray())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: None)  # no GPU: no stream
     LoraSync(via_object_store=False).broadcast(model, ARGS, engines.handles, group)
@@ -318,4 +322,5 @@ def test_the_pinned_staging_buffer_is_reused_across_syncs():
     sync = LoraSync(via_object_store=True)
     first = sync.stage(torch.arange(256, dtype=torch.uint8, device="cuda"))
     second = sync.stage(torch.full((256,), 7, dtype=torch.uint8, device="cuda"))
-    assert second.data_ptr() == first.data_ptr() and second.is_pinned() and torch.equal(second, torch.full((256,), 7, dtype=torch.uint8))
+    assert second.data_ptr() == first.data_ptr() and second.is_pinned()
+    assert torch.equal(second, torch.full((256,), 7, dtype=torch.uint8))
