@@ -452,6 +452,10 @@ def check_bounds(ns: argparse.Namespace) -> str | None:
         if not rule.flag or (rule.when and not getattr(ns, rule.when, None)):
             continue
         value = getattr(ns, rule.flag)
+        if value is None and rule.low == 1:  # a count OpenRLHF leaves unset: no vLLM engines, for one
+            return f"--{rule.flag} is not set (setting {name}); rft needs it: give --{rule.flag} {EXAMPLES[name]}"
+        if value is None:  # off, as OpenRLHF means it (--entropy_loss_coef)
+            continue
         if out_of_bounds(value, rule):
             return (f"--{rule.flag} {value:g} (setting {name}): must be {_bounds(rule)}; "
                     f"for example {_example(name, rule)} or --{rule.flag} {EXAMPLES[name]}")
