@@ -996,7 +996,7 @@ def run_command(args: argparse.Namespace) -> int:
     manager = Manager(args.patches.resolve(), site, args.series.resolve() if args.series else None)
     remove_dead_scratch()
     with locked(site), scratch_dir() as scratch:
-        writes = not (args.check or args.status or args.export)
+        writes = not (args.check or args.status or args.export or args.make)
         if writes:
             removed = remove_leftovers(site, list(manager.manifest))
             if removed:

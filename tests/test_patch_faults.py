@@ -308,3 +308,24 @@ def test_real_series_killed_between_any_two_files(tmp_path, own_tmpdir):
         assert_recovers(site, patches, own_tmpdir, pristine, final, f"SIGKILL after write {kill_at} of {points}")
         shutil.rmtree(site)
     assert partial_seen >= 1  # a patch over several files was cut in two at least once
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_real_series_signal_mid_write_finishes_then_stops_in_one_line(tmp_path, own_tmpdir, signame):
+    """The real series, a signal halfway through the writes: all files, no stale bytecode, no scratch left."""
+    from test_apply_patches import compile_all, make_site, manifest
+
+    rels = list(manifest())
+    site = make_site(tmp_path / "site")
+    compile_all(site)
+    final = contents(patched_by_hand(tmp_path / "by_hand", oprl.PATCHES / "series"), rels)
+    points = count_points(site, oprl.PATCHES, own_tmpdir, "write")
+    proc = kill_run(site, oprl.PATCHES, own_tmpdir, "write", points // 2, SIGNALS[signame])
+    assert proc.returncode == 128 + SIGNALS[signame], proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"apply_patches.sh: interrupted by {signame}; every file is whole, and the install holds the series as "
+        "before or complete: run the command again to finish, --status to see"
+    ]
+    assert contents(site, rels) == final
+    assert stale_bytecode(site) == [] and litter(site) == []
+    assert list(own_tmpdir.iterdir()) == []
