@@ -6,8 +6,8 @@ Run by ``tests/test_e2e_tiny.py`` with the environment of ``train_grpo_tiny.sh``
 OpenRLHF copy and ``rft/cpu_site`` on ``PYTHONPATH``, ``RFT_CPU_STAND_INS=1``). It starts a vLLM
 engine (CPU build, tensor parallel 2, multiprocessing executor) with the patched
 ``WorkerWrap`` as ``worker_extension_cls``, exactly as OpenRLHF configures its engines, sends
-the adapter through the patched worker's ``apply_lora_delta`` (the sync's own payload format),
-then reads every attention weight each TP rank serves through ``collective_rpc`` and compares
+the adapter through the patched worker's ``apply_lora_delta`` (the sync's own payload format,
+merged by ``rft.openrlhf.vllm_lora_delta``), then reads every attention weight each TP rank serves through ``collective_rpc`` and compares
 it, byte for byte, with ``bf16(W0 + scale * B @ A)`` computed here from the checkpoint's
 safetensors and the adapter's files, sliced the way vLLM's loaders shard gpt-oss (q/k/v rows
 by head, stacked into ``qkv_proj``; ``o_proj`` columns).
@@ -15,9 +15,9 @@ by head, stacked into ``qkv_proj``; ``o_proj`` columns).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -87,26 +87,10 @@ def read_served(worker) -> dict:
     return {"rank": get_tensor_model_parallel_rank(), "weights": weights}
 
 
-def main(model_dir: Path, adapter_dir: Path, out_path: Path) -> int:
-    import vllm
-    from openrlhf.trainer.ray.vllm_worker_wrap import LORA_PAYLOAD_FORMAT, pack_tensors
-
-    tp = 2
-    adapter, scale = read_adapter(adapter_dir)
-    named = [(f"{name}:{kind}", tensor) for name, (a, b) in adapter.items() for kind, tensor in (("A", a), ("B", b))]
-    buffer, entries = pack_tensors(named)
-    spec = {"format": LORA_PAYLOAD_FORMAT, "nbytes": buffer.numel(), "entries": entries,
-            "targets": [[name, scale] for name in adapter]}
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # as OpenRLHF's LLMRayActor sets it
-    llm = vllm.LLM(
-        model=str(model_dir), tensor_parallel_size=tp, distributed_executor_backend="mp", enforce_eager=True,
-        dtype="bfloat16", max_model_len=256, seed=0,
-        worker_extension_cls="openrlhf.trainer.ray.vllm_worker_wrap.WorkerWrap",
-    )
-    evidence = llm.collective_rpc("apply_lora_delta", args=(spec, buffer.numpy().tobytes()))
-    served = llm.collective_rpc(read_served)
-    expected = expected_shards(model_dir, adapter, scale, tp)
-    report = {"tp": tp, "scale": scale, "adapted": sorted(adapter), "evidence": evidence, "shards": []}
+def compare_shards(served: list[dict], expected: dict[tuple[int, str], torch.Tensor]) -> list[dict]:
+    """One row per served shard (the replies of :func:`read_served`): its shape and how many of its
+    bf16 entries differ, bit for bit, from the expected shard (-1 when the shapes differ)."""
+    rows = []
     for reply in served:
         rank = reply["rank"]
         for name, (dtype, shape, raw) in sorted(reply["weights"].items()):
@@ -114,11 +98,49 @@ def main(model_dir: Path, adapter_dir: Path, out_path: Path) -> int:
             want = expected[(rank, name)]
             same_shape = list(want.shape) == shape
             differ = int((got.reshape(shape).view(torch.int16) != want.view(torch.int16)).sum()) if same_shape else -1
-            report["shards"].append({"rank": rank, "name": name, "shape": shape, "expected_shape": list(want.shape),
-                                     "entries": want.numel(), "differing": differ})
+            rows.append({"rank": rank, "name": name, "shape": shape, "expected_shape": list(want.shape),
+                         "entries": want.numel(), "differing": differ})
+    return rows
+
+
+def lora_payload(adapter, scale: float) -> tuple[dict, bytes]:
+    """The sync's spec and bytes for ``adapter``, packed with the trainer's own codec."""
+    from rft.openrlhf.lora_sync import LORA_PAYLOAD_FORMAT, pack_tensors
+
+    named = [(f"{name}:{kind}", tensor) for name, (a, b) in adapter.items() for kind, tensor in (("A", a), ("B", b))]
+    buffer, entries = pack_tensors(named)
+    spec = {"format": LORA_PAYLOAD_FORMAT, "nbytes": buffer.numel(), "entries": entries,
+            "targets": [[name, scale] for name in adapter]}
+    return spec, buffer.numpy().tobytes()
+
+
+def main(model_dir: Path, adapter_dir: Path, out_path: Path) -> int:
+    import vllm
+
+    tp = 2
+    adapter, scale = read_adapter(adapter_dir)
+    spec, blob = lora_payload(adapter, scale)
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # as OpenRLHF's LLMRayActor sets it
+    llm = vllm.LLM(
+        model=str(model_dir), tensor_parallel_size=tp, distributed_executor_backend="mp", enforce_eager=True,
+        dtype="bfloat16", max_model_len=256, seed=0,
+        worker_extension_cls="openrlhf.trainer.ray.vllm_worker_wrap.WorkerWrap",
+    )
+    evidence = llm.collective_rpc("apply_lora_delta", args=(spec, blob))
+    shards = compare_shards(llm.collective_rpc(read_served), expected_shards(model_dir, adapter, scale, tp))
+    report = {"tp": tp, "scale": scale, "adapted": sorted(adapter), "evidence": evidence, "shards": shards}
     out_path.write_text(json.dumps(report, indent=1))
     return 0
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Exit code 0 when the report was written.")
+    parser.add_argument("model_dir", type=Path, help="the base checkpoint the engine serves (safetensors, config.json)")
+    parser.add_argument("adapter_dir", type=Path, help="a saved PEFT LoRA adapter of that model (adapter_config.json)")
+    parser.add_argument("out", type=Path, help="where to write the JSON report: the evidence and one row per shard")
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])))
+    args = parse_args()
+    raise SystemExit(main(args.model_dir, args.adapter_dir, args.out))
