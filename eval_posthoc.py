@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -58,6 +59,10 @@ from rft.eval_io import (
 DEFAULT_SAMPLING_TEMPERATURE = 0.6
 MERGE_RECORD = "rft_merge.json"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+INTEGER_RE = re.compile(r"-?\d+")
+"""A label the integer-answer reward can match: its normalized form is a whole number."""
+WORK_DIR_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>merging|old)-(?P<pid>\d+)(?:@(?P<host>[^/]+))?$")
+"""Temporary folders of a merge in --merged-dir: ``.NAME.merging-PID@HOST`` and ``.NAME.old-PID@HOST``."""
 
 
 # --------------------------------------------------------------------------- modes
@@ -254,6 +259,58 @@ def _load_base_for_merge(base: str, dtype: str, device_map: str | None) -> Any:
     return AutoModelForCausalLM.from_pretrained(base, **kwargs)
 
 
+def non_integer_labels(problems: list[Problem], scorer: Any) -> list[Problem]:
+    """Problems whose label the reward does not read as a whole number (it grades integers).
+
+    The reward normalizes the label as it normalizes an answer (``90^\\circ`` and ``x = 5`` are
+    integers), so only labels it would compare as text or decimals are listed.
+    """
+    return [p for p in problems if not INTEGER_RE.fullmatch(scorer.normalize_answer(p.label))]
+
+
+def _work_dir_name(name: str, kind: str) -> str:
+    return f".{safe_name(name)}.{kind}-{os.getpid()}@{safe_name(socket.gethostname())}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_merges(merged_root: str | Path) -> list[Path]:
+    """Remove the temporary folders of merges whose process is gone; return what was removed.
+
+    A merge writes a whole model (about 40 GB for gpt-oss-20b) into ``.NAME.merging-PID@HOST``
+    before renaming it into place; a SIGKILL leaves that folder behind. One whose PID no
+    longer runs on this host is removed. A folder of another host (a --merged-dir on shared
+    storage) or of a live process is left alone.
+    """
+    root = Path(merged_root)
+    here = safe_name(socket.gethostname())
+    removed = []
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = WORK_DIR_RE.match(entry.name)
+        if not m or not entry.is_dir() or entry.is_symlink():
+            continue
+        if (m.group("host") or here) != here or pid_alive(int(m.group("pid"))):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            print(f"[merge] removed {entry}: left by an interrupted merge (process {m.group('pid')} is gone)")
+            removed.append(entry)
+    return removed
+
+
 def merge_is_cached(name: str, merged_root: str | Path, key: dict[str, Any]) -> bool:
     """True when ``merged_root/NAME`` holds a merge made with ``key``; no merge is then needed.
 
@@ -307,7 +364,8 @@ def merge_adapter(
     from transformers import AutoTokenizer
 
     ensure_writable_dir(root, "--merged-dir")
-    tmp = root / f".{safe_name(name)}.merging-{os.getpid()}"
+    clean_stale_merges(root)
+    tmp = root / _work_dir_name(name, "merging")
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"[merge] {name}: merging {adapter_dir} into {base} ({dtype})")
     try:
@@ -335,7 +393,7 @@ def merge_adapter(
         }
         atomic_write_text(tmp / MERGE_RECORD, json.dumps(record, indent=2) + "\n")
         if target.exists():
-            old = root / f".{safe_name(name)}.old-{os.getpid()}"
+            old = root / _work_dir_name(name, "old")
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
@@ -742,12 +800,20 @@ def run(argv: Sequence[str] | None = None, backend_factory: Callable[..., Backen
     if not args.dataset:
         raise EvalInputError("no --dataset; pass a JSONL file of {input, label} rows")
     datasets: dict[str, tuple[list[Problem], str]] = {}
+    scorer = load_scorer()
     for text in args.dataset:
         name, path = parse_named(text, "--dataset", allow_bare=True)
         if name in datasets:
             raise EvalInputError(f"--dataset {text}: the name {name!r} is used twice; name them NAME=PATH")
         datasets[name] = (load_problems(path, args.input_key, args.label_key), file_sha256(path))
-    scorer = load_scorer()
+        odd = non_integer_labels(datasets[name][0], scorer)
+        if odd:
+            print(
+                f"eval_posthoc.py: warning: {path}: {len(odd)} of {len(datasets[name][0])} labels are not integers "
+                f"(first at line {odd[0].line}: {odd[0].label[:40]!r}); the reward grades integer answers, "
+                "so these compare as text",
+                file=sys.stderr,
+            )
     out = ensure_writable_dir(args.output_dir, "--output-dir")
     chunk = args.chunk_size or (args.batch_size if args.backend == "hf" else 512)
     factory = backend_factory or (lambda path, tok_path, tok: make_backend(args, path, tok_path, tok))
@@ -870,10 +936,15 @@ def run(argv: Sequence[str] | None = None, backend_factory: Callable[..., Backen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit 0 when the summary is written, 2 on bad input (one line naming the file or flag)."""
     try:
         run(argv)
     except EvalInputError as e:
         print(f"eval_posthoc.py: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file the checks above did not reach (an adapter, a cache): still one line
+        where = e.filename or "a file"
+        print(f"eval_posthoc.py: error: {where}: {e.strerror or e}; check that path and its permissions", file=sys.stderr)
         return 2
     return 0
 

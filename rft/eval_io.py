@@ -27,6 +27,7 @@ __all__ = [
     "EvalInputError",
     "Problem",
     "load_problems",
+    "read_text_lines",
     "file_sha256",
     "dir_content_sha256",
     "model_dir_fingerprint",
@@ -43,44 +44,71 @@ class EvalInputError(ValueError):
 
 @dataclass(frozen=True)
 class Problem:
-    """One dataset row: its 0-based index among the rows, the model input and the label."""
+    """One dataset row: its 0-based index among the rows, the model input, the label and its line."""
 
     index: int
     input: Any  # a string, or a list of chat messages as OpenRLHF also accepts
     label: str
+    line: int = 0  # 1-based line of the file, for messages
+
+
+def read_text_lines(path: str | Path, what: str, flag: str) -> list[tuple[int, str]]:
+    """(line number, text) of every line of a UTF-8 file; one-line errors for what cannot be read.
+
+    A folder, a file that cannot be opened and bytes that are not UTF-8 each raise
+    :class:`EvalInputError` naming the file (and the line), never a traceback.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise EvalInputError(f"{path}: is a folder, not a {what}; pass the file itself to {flag}")
+    if not path.exists():
+        raise EvalInputError(f"{path}: {what} not found; pass an existing file to {flag}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise EvalInputError(f"{path}: cannot read ({e.strerror or e}); check its permissions or pass another {flag}") from None
+    out = []
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            out.append((lineno, raw.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            raise EvalInputError(
+                f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); re-save the file as UTF-8"
+            ) from None
+    return out
 
 
 def load_problems(path: str | Path, input_key: str = "input", label_key: str = "label") -> list[Problem]:
     """Read a JSONL dataset; raise :class:`EvalInputError` naming the line on bad rows.
 
     Blank lines are skipped; labels are kept as strings (an integer label becomes
-    its decimal string).
+    its decimal string). An empty label is refused: the reward scores it wrong
+    whatever the model says, so it would lower pass@1 without a word.
     """
     path = Path(path)
-    if not path.is_file():
-        raise EvalInputError(f"{path}: dataset file not found; pass an existing JSONL file to --dataset")
     problems: list[Problem] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalInputError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise EvalInputError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            for key, flag in ((input_key, "--input-key"), (label_key, "--label-key")):
-                if key not in row:
-                    keys = ", ".join(sorted(row)) or "none"
-                    raise EvalInputError(f"{path}:{lineno}: no {key!r} key (keys: {keys}); name the right one with {flag}")
-            label = row[label_key]
-            if isinstance(label, bool) or not isinstance(label, (str, int)):
-                raise EvalInputError(f"{path}:{lineno}: label must be a string or an integer, got {label!r}")
-            text = row[input_key]
-            if not (isinstance(text, str) and text.strip()) and not (isinstance(text, list) and text):
-                raise EvalInputError(f"{path}:{lineno}: empty {input_key!r}; remove the row or fill it in")
-            problems.append(Problem(index=len(problems), input=text, label=str(label)))
+    for lineno, line in read_text_lines(path, "dataset file", "--dataset"):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalInputError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise EvalInputError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+        for key, flag in ((input_key, "--input-key"), (label_key, "--label-key")):
+            if key not in row:
+                keys = ", ".join(sorted(row)) or "none"
+                raise EvalInputError(f"{path}:{lineno}: no {key!r} key (keys: {keys}); name the right one with {flag}")
+        label = row[label_key]
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise EvalInputError(f"{path}:{lineno}: label must be a string or an integer, got {label!r}")
+        if not str(label).strip():
+            raise EvalInputError(f"{path}:{lineno}: empty {label_key!r}; every row needs its answer (or remove the row)")
+        text = row[input_key]
+        if not (isinstance(text, str) and text.strip()) and not (isinstance(text, list) and text):
+            raise EvalInputError(f"{path}:{lineno}: empty {input_key!r}; remove the row or fill it in")
+        problems.append(Problem(index=len(problems), input=text, label=str(label), line=lineno))
     if not problems:
         raise EvalInputError(f"{path}: no rows; the dataset must hold at least one JSON line")
     return problems
@@ -175,7 +203,10 @@ class SampleStore:
         """Read the finished samples; raise :class:`EvalInputError` on a foreign or damaged file."""
         if not self.path.exists():
             return {}
-        data = self.path.read_bytes()
+        try:
+            data = self.path.read_bytes()
+        except OSError as e:
+            raise EvalInputError(f"{self.path}: cannot read ({e.strerror or e}); check its permissions or use another --output-dir") from None
         if data and not data.endswith(b"\n"):
             cut = data.rfind(b"\n") + 1
             tail = data[cut:]
@@ -194,15 +225,21 @@ class SampleStore:
                     f.truncate(cut)
                 data = data[:cut]
         records: dict[tuple[int, int], dict[str, Any]] = {}
-        for lineno, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-            if not line.strip():
+        for lineno, raw in enumerate(data.split(b"\n"), start=1):
+            if not raw.strip():
                 continue
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
+                rec = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
                 raise EvalInputError(
-                    f"{self.path}:{lineno}: damaged record ({e.msg}); move the file away or delete that line"
+                    f"{self.path}:{lineno}: damaged record ({why}); move the file away or delete that line"
                 ) from None
+            if not isinstance(rec, dict) or not all(isinstance(rec.get(k), int) for k in ("problem", "sample")):
+                raise EvalInputError(
+                    f"{self.path}:{lineno}: not a sample record (no integer problem and sample); "
+                    "move the file away or delete that line"
+                )
             if rec.get("run_key") != self.key:
                 raise EvalInputError(
                     f"{self.path}:{lineno}: written with other settings (run_key {rec.get('run_key')} != {self.key}); "
