@@ -852,6 +852,9 @@ def run(argv: Sequence[str] | None = None, backend_factory: Callable[..., Backen
         all_tasks.extend(tasks)
         tasks_of[spec.name] = tasks
 
+    # Folders of merges a kill interrupted hold a partial model each (40 GB for the 20b).
+    if any(s.adapter for s in specs) and Path(args.merged_dir).is_dir():
+        clean_stale_merges(args.merged_dir)
     # A merge still to make needs a writable --merged-dir: say so before any model is loaded
     # (a read-only cache of finished merges is fine).
     to_merge = [

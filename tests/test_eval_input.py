@@ -202,3 +202,17 @@ def test_a_merge_killed_with_sigkill_is_cleaned_by_the_next_run(tmp_path, monkey
     with pytest.raises(EvalInputError, match="cannot load the base model"):
         eval_posthoc.merge_adapter("a", adapter, "base-model", merged)
     assert list(merged.iterdir()) == []  # the leftover is gone, and the failed merge left nothing
+
+
+def test_a_run_that_needs_no_merge_still_cleans_the_leftovers(tmp_path):
+    merged = tmp_path / "merged"
+    leftover = merged / f".a.merging-{_dead_pid()}@{HOST}"
+    leftover.mkdir(parents=True)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    data = tmp_path / "d.jsonl"
+    data.write_text(_rows("1"))
+    proc = _cli(tmp_path, "--adapter", f"a={adapter}", "--base", "base-model", "--merged-dir", str(merged),
+                "--dataset", str(data), "--summary-only")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not leftover.exists() and f"[merge] removed {leftover}" in proc.stdout
