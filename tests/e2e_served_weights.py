@@ -7,8 +7,8 @@ OpenRLHF copy and ``rft/cpu_site`` on ``PYTHONPATH``, ``RFT_CPU_STAND_INS=1``). 
 engine (CPU build, tensor parallel 2, multiprocessing executor) with the patched
 ``WorkerWrap`` as ``worker_extension_cls``, exactly as OpenRLHF configures its engines, sends
 the adapter through the patched worker's ``apply_lora_delta`` (the sync's own payload format,
-merged by ``rft.openrlhf.vllm_lora_delta``), then reads every attention weight each TP rank serves through ``collective_rpc`` and compares
-it, byte for byte, with ``bf16(W0 + scale * B @ A)`` computed here from the checkpoint's
+merged by ``rft.openrlhf.vllm_lora_delta``), then reads every attention weight each TP rank
+serves through ``collective_rpc`` and compares it, byte for byte, with ``bf16(W0 + scale * B @ A)`` computed here from the checkpoint's
 safetensors and the adapter's files, sliced the way vLLM's loaders shard gpt-oss (q/k/v rows
 by head, stacked into ``qkv_proj``; ``o_proj`` columns).
 """

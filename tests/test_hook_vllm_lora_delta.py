@@ -4,7 +4,7 @@ No patch is applied here: the module is called the way ``vllm_engine.patch`` and
 ``vllm_worker.patch`` call it, on the tensor-parallel emulation of vLLM 0.15.1's gpt-oss
 attention loading (``tests/tp_emulation.py``, TP 1, 2 and 4; its ``collective_rpc`` crosses
 msgpack, and pickle per worker for TP > 1, as vLLM's does). ``tests/test_lora_sync.py`` checks
-that the patched OpenRLHF files reach this code, and ``tests/test_vllm_lora_delta_engine.py``
+that the patched OpenRLHF files reach this code, and ``tests/test_hook_vllm_lora_delta_engine.py``
 runs it inside the real vLLM 0.15.1 engine.
 
 What the groups prove:

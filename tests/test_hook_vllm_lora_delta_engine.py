@@ -10,7 +10,7 @@ gpt-oss loader places the deltas; what the emulation of ``tests/tp_emulation.py`
 
 This file is also the driver, run in a subprocess (vLLM's engine sets process-wide state):
 
-    python tests/test_vllm_lora_delta_engine.py MODEL_DIR OUT.json
+    python tests/test_hook_vllm_lora_delta_engine.py MODEL_DIR OUT.json
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ What the groups prove:
   checkpoint name and to the fused vLLM parameter it lands in;
 * TP merge: the patched engine and worker reach ``rft.openrlhf.vllm_lora_delta`` and
   merge exactly at TP 2 (the merge itself, the payload's crossing and every refusal are
-  unit-tested in ``tests/test_vllm_lora_delta.py``, at TP 1, 2 and 4);
+  unit-tested in ``tests/test_hook_vllm_lora_delta.py``, at TP 1, 2 and 4);
 * trainer side: the patched ``broadcast_to_vllm`` (``rft.openrlhf.lora_sync``) gathers, packs and ships one
   buffer through a real local Ray object store into emulated engines, and over the
   model-update group (its broadcast emulated in process) into workers that receive it
@@ -288,7 +288,7 @@ def check_ranks(models, geo, tp, checkpoint, adapter, initial, device="cpu"):
 
 def test_patched_engine_and_worker_reach_the_hooks(wrap, engine_mod):
     """The patched ``LLMRayActor`` and ``WorkerWrap`` run ``rft.openrlhf.vllm_lora_delta`` (whose merge
-    ``tests/test_vllm_lora_delta.py`` checks in depth): at TP 2 two syncs land exactly, a full weight
+    ``tests/test_hook_vllm_lora_delta.py`` checks in depth): at TP 2 two syncs land exactly, a full weight
     from the object store becomes the new base, and a worker's refusal reaches the engine's caller."""
     checkpoint = emu.random_attention_checkpoint(TINY, seed=7)
     models, workers = make_ranks(wrap, TINY, 2, checkpoint)

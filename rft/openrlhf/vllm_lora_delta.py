@@ -221,7 +221,9 @@ def group_targets(
             raise ValueError(f"{hf_name}: lora_B {tuple(b.shape)} @ lora_A {tuple(a.shape)} is not a 2-D product")
         pname = resolve(hf_name)
         if not params[pname].dtype.is_floating_point:
-            raise ValueError(f"{hf_name}: served as {pname} with dtype {params[pname].dtype}; only float weights can take a delta")
+            raise ValueError(
+                f"{hf_name}: served as {pname} with dtype {params[pname].dtype}; only float weights can take a delta"
+            )
         groups.setdefault(pname, []).append((hf_name, float(scale), a, b))
     items = [item for group in groups.values() for item in group]
     finite = torch.stack([torch.isfinite(m).all() for _, _, a, b in items for m in (a, b)]).tolist() if items else []
@@ -252,7 +254,11 @@ def plan_chunks(costs: dict[str, int], budget: int) -> list[list[str]]:
 
 
 def apply_merged_lora(
-    state: LoraSyncState, model: Any, targets: Iterable[Sequence], tensors: dict[str, torch.Tensor], device: torch.device
+    state: LoraSyncState,
+    model: Any,
+    targets: Iterable[Sequence],
+    tensors: dict[str, torch.Tensor],
+    device: torch.device,
 ) -> dict:
     """Serve ``bf16(W0 + scale * B @ A)`` for every target; return evidence as Python numbers.
 
@@ -280,10 +286,18 @@ def apply_merged_lora(
     for chunk in plan_chunks(costs, budget):
         _merge_chunk(state, model, params, {pname: groups[pname] for pname in chunk}, device, acc)
     delta_sq, target_sq, changed, numel = acc.tolist()
-    return {"delta_sq": delta_sq, "target_sq": target_sq, "changed": int(changed), "numel": int(numel), "params": len(groups)}
+    return {
+        "delta_sq": delta_sq,
+        "target_sq": target_sq,
+        "changed": int(changed),
+        "numel": int(numel),
+        "params": len(groups),
+    }
 
 
-def _merge_chunk(state: LoraSyncState, model: Any, params: dict, groups: dict, device: torch.device, acc: torch.Tensor) -> None:
+def _merge_chunk(
+    state: LoraSyncState, model: Any, params: dict, groups: dict, device: torch.device, acc: torch.Tensor
+) -> None:
     """Save-load-add for one chunk of parameters, adding its evidence to ``acc``."""
     scratch, deltas = {}, []
     for pname, items in groups.items():
