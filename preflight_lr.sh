@@ -3,7 +3,7 @@
 #
 #   EP=40 LR=1e-6 bash preflight_lr.sh      # the 20b run with other settings
 #   bash preflight_lr.sh --json          # one JSON object for scripts
-#   bash preflight_lr.sh --help          # every input, its variable and its default
+#   bash preflight_lr.sh --help          # every input, its variable and its default (or -h)
 #
 # Inputs (environment or options; defaults are train_grpo_20b.sh's values):
 #   POOL  prompts in the pool (default: rows of data/sft_rl_pool.jsonl)   NS  samples per prompt (8)

@@ -3,11 +3,29 @@
 #
 #   bash setup_node.sh                  # into the active Python environment
 #   VENV=/opt/rft-venv bash setup_node.sh   # create/reuse a virtual environment there
+#   bash setup_node.sh --help           # this text; installs nothing
+#
+# Settings: VENV (unset: the active environment), PYTHON (python3.11), REQS
+# (requirements-node.txt), FLASH_ATTN_SPEC (flash-attn==2.8.3), MAX_JOBS (16).
 #
 # Order matters: torch first (vLLM 0.15.1 pins it), then flash-attn, which openrlhf
 # requires and which compiles against the installed torch (no build isolation),
-# then everything else, openrlhf's own dependencies included.
+# then everything else, openrlhf's own dependencies included, then rft itself (editable),
+# so that `import rft` in this Python is this checkout.
+# Exit status: 0 installed; 2 bad argument or setting (one line); pip's status when an install fails.
 set -euo pipefail
+
+case "${1:-}" in
+  -h | --help)
+    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+    exit 0
+    ;;
+  "") ;;
+  *)
+    echo "setup_node.sh: unknown argument $1; settings are environment variables (see --help)" >&2
+    exit 2
+    ;;
+esac
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${VENV:-}"

@@ -306,9 +306,29 @@ def plot_schedule(shape: RunShape, path: str) -> None:
             os.unlink(tmp)
 
 
-def _env(name: str, default: str | None) -> str | None:
+@dataclass(frozen=True)
+class FromEnv:
+    """A default read from an environment variable, converted after parsing.
+
+    argparse would convert a string default itself and blame the option (``--lr``) for a
+    bad ``LR=abc``; this keeps the variable's name for the message.
+    """
+
+    name: str
+    text: str
+
+
+def _env(name: str, default: str | None) -> str | FromEnv | None:
     value = os.environ.get(name)
-    return value if value not in (None, "") else default
+    return FromEnv(name, value) if value not in (None, "") else default
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad input is one line on stderr and exit status 2, not the usage block."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: {message}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(2)
 
 
 def count_rows(path: str) -> int:
@@ -318,21 +338,30 @@ def count_rows(path: str) -> int:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}") from None
     if not value > 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
 def _ratio(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}") from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
     return value
@@ -340,12 +369,13 @@ def _ratio(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options; each defaults to its environment variable, then to the 20b launcher's value."""
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="preflight_lr.sh",
         description=(
             "Check the LR schedule OpenRLHF 0.9.3 will build (linear warmup + cosine_with_min_lr, "
-            "min_lr = 0.1 x LR) before launching. Exits 1 when the LR at step 20 is below 30%% of the "
-            "target or the run has fewer than 20 optimizer steps; 2 on bad input."
+            "min_lr = 0.1 x LR) before launching. Exits 1 when the LR at step 20 is below 30% of the "
+            "target or the run has fewer than 20 optimizer steps; 2 on bad input (one line naming "
+            "the variable or option), an unwritable --plot included."
         ),
         epilog=(
             "Environment: POOL NS TBS EP WARMUP LR RBS MAX_EPOCHS MAX_SAMPLES (same meaning as the options; "
@@ -377,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "OpenRLHF's own default is 1e8, i.e. all)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--plot", metavar="PNG", default=None,
-                   help="also write the whole schedule as a PNG (needs matplotlib; skipped with a warning without it)")
+                   help="also write the whole schedule as a PNG (needs matplotlib; skipped with a warning "
+                        "without it; a folder that is missing or not writable is bad input)")
     return p
 
 
@@ -408,10 +439,37 @@ def shape_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     )
 
 
+def resolve_env_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Convert the values that came from environment variables, naming the variable on error."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if not isinstance(value, FromEnv):
+            continue
+        try:
+            setattr(args, action.dest, action.type(value.text) if action.type else value.text)
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            parser.error(f"{value.name}={value.text}: {exc} (the variable stands for {action.option_strings[0]})")
+
+
+def plot_target_problem(path: str) -> str | None:
+    """Why ``path`` cannot take the PNG (its folder missing or not writable), or None."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"--plot {path}: is a folder; give a file name such as {os.path.join(path, 'lr_schedule.png')}"
+    if not os.path.isdir(folder):
+        return f"--plot {path}: folder {folder} does not exist; create it or choose another path"
+    if not os.access(folder, os.W_OK):
+        return f"--plot {path}: folder {folder} is not writable; choose another path"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Print the schedule; return 0 when it passes, 1 when it must not be launched."""
+    """Print the schedule; return 0 when it passes, 1 when it must not be launched, 2 on bad input."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    resolve_env_defaults(args, parser)
+    if args.plot and plot_target_problem(args.plot):
+        parser.error(plot_target_problem(args.plot))
     shape = shape_from_args(args, parser)
     report = build_report(shape)
     if args.json:
@@ -424,7 +482,9 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print(f"plot: matplotlib is not installed; {args.plot} not written", file=sys.stderr)
         except OSError as exc:
-            print(f"plot: cannot write {args.plot}: {exc.strerror}", file=sys.stderr)
+            print(f"preflight_lr.sh: --plot {args.plot}: cannot write it ({exc.strerror}); choose another path",
+                  file=sys.stderr)
+            return 2
     return 1 if report.reasons else 0
 
 

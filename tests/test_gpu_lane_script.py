@@ -53,3 +53,14 @@ def test_missing_interpreter_is_named(tmp_path):
     proc = _run(tmp_path, PYTHON="/nonexistent/python3")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "run_gpu_lane.sh: /nonexistent/python3 not found; set PYTHON=/path/to/python"
+
+
+@pytest.mark.parametrize("option", ["--help", "-h"])
+def test_help_is_the_usage_and_checks_nothing(tmp_path, option):
+    """No interpreter, GPU or wheel is looked at: a missing PYTHON and WHEELS do not matter."""
+    full_env = {**os.environ, "PYTHON": "/nonexistent/python3", "WHEELS": str(tmp_path / "none"),
+                "STACK_DIR": str(tmp_path / "stack"), "OUT_DIR": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", str(SCRIPT), option], capture_output=True, text=True, env=full_env, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.startswith("rft's GPU lane:") and "WHEELS" in proc.stdout and "set -euo" not in proc.stdout
+    assert os.listdir(tmp_path) == []

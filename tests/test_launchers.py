@@ -672,3 +672,20 @@ def test_help_lists_the_knobs_and_launches_nothing(bed, option):
     assert "gpt-oss-120b" in proc.stdout and "RAY_ADDRESS" in proc.stdout and "MAX_SAMPLES" in proc.stdout
     assert "Exit status: 0 done" in proc.stdout
     assert os.listdir(bed.root / "mnt_scratch") == []
+
+
+@pytest.mark.parametrize("option", ["--help", "-h"])
+def test_setup_node_help_installs_nothing(tmp_path, option):
+    """A python3.11 that records its calls: --help must not run it (it would install about 3 GB)."""
+    calls = tmp_path / "calls"
+    _script(tmp_path / "python3.11", f'echo "$*" >> "{calls}"\n')
+    proc = subprocess.run(["bash", str(REPO / "setup_node.sh"), option], capture_output=True, text=True,
+                          env={"PATH": f"{tmp_path}:/usr/bin:/bin"}, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert "VENV=/opt/rft-venv bash setup_node.sh" in proc.stdout and "Exit status:" in proc.stdout
+    assert not calls.exists()
+    bad = subprocess.run(["bash", str(REPO / "setup_node.sh"), "--hlep"], capture_output=True, text=True,
+                         env={"PATH": f"{tmp_path}:/usr/bin:/bin"}, cwd=tmp_path, timeout=60)
+    assert bad.returncode == 2 and bad.stderr == (
+        "setup_node.sh: unknown argument --hlep; settings are environment variables (see --help)\n")
+    assert not calls.exists()

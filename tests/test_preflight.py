@@ -323,13 +323,44 @@ def test_cli_counts_the_pool_file(tmp_path):
     assert data["inputs"]["pool"] == 123
 
 
+@pytest.mark.parametrize("env, args, line", [
+    ({"LR": "abc", "POOL": "400"}, [],
+     "preflight_lr.sh: LR=abc: must be a positive number, got abc (the variable stands for --lr); "
+     "see preflight_lr.sh --help"),
+    ({"POOL": "400", "EP": "0"}, [],
+     "preflight_lr.sh: EP=0: must be a positive integer, got 0 (the variable stands for --episodes); "
+     "see preflight_lr.sh --help"),
+    ({"POOL": "400"}, ["--lr", "abc"],
+     "preflight_lr.sh: argument --lr: must be a positive number, got abc; see preflight_lr.sh --help"),
+    ({"POOL": "400"}, ["--bogus"], "preflight_lr.sh: unrecognized arguments: --bogus; see preflight_lr.sh --help"),
+])
+def test_cli_bad_input_is_one_line_naming_what_was_typed(tmp_path, env, args, line):
+    proc = _run(env, *args, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == line + "\n"
+
+
 def test_cli_bad_input_is_one_clear_error(tmp_path):
-    proc = _run({"LR": "abc", "POOL": "400"}, cwd=tmp_path)
-    assert proc.returncode == 2 and "--lr" in proc.stderr.splitlines()[-1]
     proc = _run({"POOL_FILE": str(tmp_path / "missing.jsonl")}, cwd=tmp_path)
-    assert proc.returncode == 2 and "missing.jsonl" in proc.stderr.splitlines()[-1]
-    help_ = _run({}, "--help", cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "missing.jsonl" in proc.stderr
+
+
+@pytest.mark.parametrize("option", ["--help", "-h"])
+def test_cli_help_says_percent_once(tmp_path, option):
+    help_ = _run({}, option, cwd=tmp_path)
     assert help_.returncode == 0 and "POOL" in help_.stdout
+    assert "below 30% of the" in " ".join(help_.stdout.split()) and "%%" not in help_.stdout
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_plot_to_an_unwritable_place_is_bad_input(tmp_path):
+    missing = tmp_path / "no" / "lr.png"
+    proc = _run({"POOL": "400", "EP": "1", "WARMUP": "0.05"}, "--plot", str(missing), cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (f"preflight_lr.sh: --plot {missing}: folder {missing.parent} does not exist; "
+                           "create it or choose another path; see preflight_lr.sh --help\n")
+    proc = _run({"POOL": "400", "EP": "1", "WARMUP": "0.05"}, "--plot", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2 and "is a folder; give a file name" in proc.stderr
 
 
 def test_cli_plot_writes_a_png(tmp_path):

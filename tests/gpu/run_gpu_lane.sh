@@ -7,6 +7,7 @@
 #   bash tests/gpu/run_gpu_lane.sh                    # in the training env (setup_node.sh)
 #   WHEELS=/path/to/wheels bash tests/gpu/run_gpu_lane.sh   # offline: the pinned stack from wheels
 #   bash tests/gpu/run_gpu_lane.sh -k flex            # arguments go to pytest
+#   bash tests/gpu/run_gpu_lane.sh --help             # this text; checks and installs nothing
 #
 # Settings (environment):
 #   PYTHON       interpreter with torch+CUDA                       (default: python3)
@@ -24,6 +25,11 @@
 # Output: pytest's report, one PASS/FAIL line per bound, and in OUT_DIR:
 # step_metrics.jsonl, gpu_lane_summary.json, flex_vs_eager.json, versions.json, pytest.log.
 set -euo pipefail
+
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+  exit 0
+fi
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PYTHON="${PYTHON:-python3}"
