@@ -56,12 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank on q/k/v/o (default 8)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="as the launchers: --gradient_checkpointing --gradient_checkpointing_use_reentrant")
-    parser.add_argument("--fast", action="store_true",
-                        help="set RFT_FAST_GPTOSS=1: the patched actor installs rft/fast_gptoss.py's routed experts "
-                             "and sink-aware flex attention after loading")
+    parser.add_argument("--fast", nargs="?", const="1", default=None, metavar="PARTS",
+                        help="set RFT_FAST_GPTOSS to PARTS (default 1, every part): the patched actor installs "
+                             "rft/fast_gptoss.py's routed experts, sink-aware flex attention, ZeRO-3 layer leaves "
+                             "and resident frozen weights after loading; e.g. --fast attention,experts")
     parser.add_argument("--logprob-reps", type=int, default=3,
                         help="timed log-prob forwards (eval mode, no grad) after the first (default 3)")
-    parser.add_argument("--workdir", type=Path, help="where the checkpoint is written (default: a temp dir)")
+    parser.add_argument("--workdir", type=Path,
+                        help="where the checkpoint is written (default: a temp dir); one already there is reused")
     parser.add_argument("--openrlhf-root", type=Path, help="directory holding a patched openrlhf package")
     parser.add_argument("--json-out", type=Path, help="write the figures here as JSON (and a PNG beside it)")
     return parser.parse_args(argv)
@@ -89,6 +91,17 @@ def build_checkpoint(dest: Path, config: dict) -> tuple[Path, int]:
     if proc.returncode != 0:
         raise SystemExit(f"bench_actor_mxfp4.py: building the checkpoint in {dest} failed:\n{proc.stderr[-2000:]}")
     return dest, int(proc.stdout.strip().splitlines()[-1])
+
+
+def reuse_or_build_checkpoint(dest: Path, config: dict) -> tuple[Path, int]:
+    """The checkpoint of ``config`` in ``dest``: reused when one built from the same config is there
+    (runs that differ only in the actor's settings share it), built otherwise."""
+    stamp = dest / "bench_config.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("config") == config:
+        return dest, json.loads(stamp.read_text())["params"]
+    path, n_params = build_checkpoint(dest, config)
+    stamp.write_text(json.dumps({"config": config, "params": n_params}))
+    return path, n_params
 
 
 def host_peak_gib() -> float:
@@ -141,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     config = {**COMMON, **shape, "num_hidden_layers": args.layers}
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="actor-bench-"))
     t0 = time.perf_counter()
-    ckpt_path, n_params = build_checkpoint(workdir / "ckpt", config)
+    ckpt_path, n_params = reuse_or_build_checkpoint(workdir / "ckpt", config)
     build_s = time.perf_counter() - t0
     ckpt_gib = (ckpt_path / "model.safetensors").stat().st_size / 2**30
     print(f"checkpoint: {n_params / 1e9:.2f} B parameters, {ckpt_gib:.2f} GiB on disk (built in {build_s:.0f} s)")
@@ -149,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     single_rank_env()
     if args.fast:
         sys.path.insert(0, str(REPO))  # the actor's hook imports rft.fast_gptoss
-        os.environ["RFT_FAST_GPTOSS"] = "1"
+        os.environ["RFT_FAST_GPTOSS"] = args.fast
     strat_args = argparse.Namespace(param_dtype="bf16", local_rank=-1, zero_stage=3, adam_offload=False,
                                     offload=False, ds_tensor_parallel_size=1)
     strategy = ds_mod.DeepspeedStrategy(seed=42, max_norm=1.0, micro_train_batch_size=args.batch,
@@ -173,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     optim.param_groups = [g for g in optim.param_groups if g["params"]]  # see tests/gpu/test_gpu_lane.py
     scheduler = get_scheduler("constant", optim)
     actor, optim, scheduler = strategy.prepare((actor, optim, scheduler), is_rlhf=True)
+    prepared_gpu = torch.cuda.memory_allocated() / 2**30  # weights, LoRA, Adam states: what stays between steps
+    leaves = sum(bool(getattr(m, "_z3_leaf", False)) for m in actor.model.modules())
+    resident = [p for p in actor.model.parameters() if getattr(p, "ds_persist", False) and p.ds_numel >= 10**5]
     print(f"actor load: {load_s:.1f} s, GPU peak {load_peak_gpu:.2f} GiB, host peak {load_host_peak:.1f} GiB "
           f"(before load {host_before:.1f} GiB)")
 
@@ -220,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_per_s": args.batch * args.seq / steady, "loss": losses,
         "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0),
         "fast_gptoss": args.fast, "attn_implementation": attn_used,
-        "experts_routed_layers": experts_fast,
+        "experts_routed_layers": experts_fast, "zero3_leaf_modules": leaves,
+        "resident_params": len(resident), "resident_gib": sum(p.ds_numel * p.element_size() for p in resident) / 2**30,
+        "prepared_gpu_gib": prepared_gpu,
         "logprob_time_s": logprob_times,
         "steady_logprob_time_s": sorted(logprob_times)[len(logprob_times) // 2] if logprob_times else None,
     }

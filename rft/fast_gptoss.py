@@ -20,7 +20,12 @@ This module replaces both, on the same weights and the same routing:
   (causal, sliding window, padding), so memory is linear in the sequence and the
   sliding layers compute only their window; gpt-oss's attention sinks are applied
   from the log-sum-exp flex returns, through which autograd differentiates;
-* :func:`install` puts both on a loaded model (what the actor's hook calls), and
+* under ZeRO-3, :func:`mark_layer_leaves` makes each decoder layer one unit of
+  DeepSpeed's parameter hooks (one gather and release per layer instead of one per
+  submodule: a LoRA-wrapped layer has about fifty), and :func:`keep_resident` keeps a
+  trained model's frozen decoder-layer weights whole on every GPU where they fit
+  (:func:`resident_budget_bytes`), so that no micro step gathers them again;
+* :func:`install` puts these on a loaded model (what the actor's hook calls), and
   :func:`uninstall` takes them off again. Eager attention and transformers'
   experts stay selectable: nothing changes unless :func:`install` runs, and the
   actor runs it only when ``RFT_FAST_GPTOSS`` asks for it (:func:`install_from_env`).
@@ -52,11 +57,24 @@ FAST_ATTN_IMPLEMENTATION = "rft_flex_sinks"
 
 SETTING = "RFT_FAST_GPTOSS"
 """Environment variable read by :func:`install_from_env`: unset, empty or ``0`` leaves the model
-as loaded; ``1`` installs both fast paths; ``attention`` or ``experts`` (or both, comma separated)
-installs one."""
+as loaded; ``1`` installs every part of :data:`PARTS`; a comma-separated subset (``attention``,
+``experts,attention``) installs those."""
 
-PARTS = ("attention", "experts")
-"""What :func:`install` can replace."""
+PARTS = ("attention", "experts", "leaves", "resident")
+"""What :func:`install` can change: the attention kernel, the experts, and under ZeRO-3 the
+granularity of DeepSpeed's parameter hooks and the residency of frozen weights."""
+
+RESIDENT_SETTING = "RFT_FAST_GPTOSS_RESIDENT_GIB"
+"""GiB of frozen decoder-layer weights a trained model may keep whole on each GPU (``resident``);
+unset or ``auto``: :data:`RESIDENT_FRACTION` of the GPU's memory; ``0`` keeps none."""
+
+RESIDENT_FRACTION = 0.5
+"""Share of the GPU's memory that ``auto`` lets the frozen weights take. The trained model is
+the one that gathers them three times a micro step (forward, recompute, backward); what must
+fit beside them on a rank of the launchers' layout is the reference model's partition (a
+quarter of the model at 4 ranks), one sequence's activations and logits, and DeepSpeed's
+buffers: for gpt-oss-20b 36.8 GiB resident + 9.7 + about 10 fits 80 GB, and the 120b's 214 GiB
+do not fit at all, so it keeps ZeRO-3's partitions."""
 
 
 # Routed experts --------------------------------------------------------------------------------
@@ -311,15 +329,118 @@ def register_attention() -> str:
     return FAST_ATTN_IMPLEMENTATION
 
 
+# ZeRO-3: hooks per layer, frozen weights resident -------------------------------------------------
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssDecoderLayer
+
+    return [m for m in model.modules() if isinstance(m, GptOssDecoderLayer)]
+
+
+def is_zero3_partitioned(model: nn.Module) -> bool:
+    """Whether ZeRO-3 has turned the model's parameters into partitions (``ds_id`` set by ``zero.Init``)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def mark_layer_leaves(model: nn.Module) -> int:
+    """Make every decoder layer a ZeRO-3 leaf module; returns how many.
+
+    DeepSpeed 0.18.5 registers its fetch and release hooks on every submodule
+    (``parameter_offload.py:284-296``) and runs them before and after each one, in the forward,
+    the checkpointed recompute and the backward. A gpt-oss layer with LoRA on q/k/v/o has about
+    fifty submodules, most of them PEFT's dropouts and dicts without parameters. A leaf module
+    (``_z3_leaf``, what ``deepspeed.utils.set_z3_leaf_modules`` sets) is fetched as one unit with
+    all its parameters and its children get no hooks. The gathered set is the layer's weights,
+    which its experts already are almost all of. Must run before ``deepspeed.initialize`` (the
+    actor's hook does): PEFT keeps the layer objects when it wraps q/k/v/o, so the flag stays."""
+    layers = _decoder_layers(model)
+    for layer in layers:
+        layer._z3_leaf = True
+    return len(layers)
+
+
+def live_ds_config() -> dict | None:
+    """The DeepSpeed config transformers holds while the actor loads (``HfDeepSpeedConfig``), or None."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    live = ref() if ref is not None else None
+    return getattr(live, "config", None) if live is not None else None
+
+
+def is_training_config(ds_config: Mapping | None) -> bool:
+    """Whether a DeepSpeed config trains without parameter offload: OpenRLHF 0.9.3's train config
+    has an ``offload_optimizer`` section and its eval config (reference, EMA model) none
+    (``utils/deepspeed/deepspeed_utils.py:20-37`` and ``79-89``)."""
+    zero = (ds_config or {}).get("zero_optimization") or {}
+    offload = (zero.get("offload_param") or {}).get("device", "none")
+    return "offload_optimizer" in zero and offload in (None, "none")
+
+
+def resident_budget_bytes(environ: Mapping[str, str], device_bytes: int) -> int:
+    """Bytes of frozen weights :func:`keep_resident` may keep whole, from :data:`RESIDENT_SETTING`.
+
+    >>> resident_budget_bytes({}, 80 * 2**30) == 40 * 2**30
+    True
+    >>> resident_budget_bytes({"RFT_FAST_GPTOSS_RESIDENT_GIB": "0"}, 80 * 2**30)
+    0
+    """
+    text = environ.get(RESIDENT_SETTING, "").strip().lower()
+    if text in ("", "auto"):
+        return int(RESIDENT_FRACTION * device_bytes)
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = -1.0
+    if not gib >= 0:
+        raise ValueError(f"{RESIDENT_SETTING}={environ[RESIDENT_SETTING]!r}: give GiB as a number >= 0, or auto")
+    return int(gib * 2**30)
+
+
+def frozen_layer_params(model: nn.Module) -> list[nn.Parameter]:
+    """The ZeRO-3 parameters of the decoder layers, which LoRA leaves frozen (attention projections,
+    router, experts, norms, sinks). LoRA adds its own parameters after the actor's hook, so at hook
+    time every layer parameter is a base weight; called later, LoRA's trainable ones are left out."""
+    return [param for layer in _decoder_layers(model) for name, param in layer.named_parameters()
+            if hasattr(param, "ds_id") and "lora_" not in name]
+
+
+def keep_resident(params: list[nn.Parameter], budget_bytes: int) -> int:
+    """Keep ``params`` whole on the GPU once gathered (``ds_persist``), if they all fit the budget; returns how many.
+
+    ZeRO-3 frees a gathered parameter after each use unless ``ds_persist`` is set
+    (``partitioned_param_coordinator.py:533-535``), so a trained model gathers its frozen weights
+    three times a micro step. Persisted ones are gathered at their first use and stay; the first
+    micro step, while DeepSpeed records its module trace, releases them like any other
+    (``partitioned_param_coordinator.py:429-430``), and each optimizer step partitions every
+    parameter (``stage3.py:2226``), after which they come back at their next use: about one gather
+    an optimizer step instead of three a micro step. All or nothing: a model whose layers do not
+    fit keeps every partition (the 120b on 4 ranks)."""
+    total = sum(p.ds_numel * p.element_size() for p in params)
+    if not params or total > budget_bytes:
+        return 0
+    for param in params:
+        param.ds_persist = True
+    return len(params)
+
+
+def device_memory_bytes() -> int:
+    """The current GPU's memory, or 0 without one (then nothing is kept resident)."""
+    if not torch.cuda.is_available():
+        return 0
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+
+
 # Installing on a model ----------------------------------------------------------------------------
 
 
 def parse_setting(value: str | None) -> frozenset[str]:
-    """The parts :data:`SETTING` asks for: ``""``/``0``/``off`` none, ``1``/``on``/``all`` both,
+    """The parts :data:`SETTING` asks for: ``""``/``0``/``off`` none, ``1``/``on``/``all`` every one,
     else a comma-separated subset of :data:`PARTS`.
 
     >>> sorted(parse_setting("1"))
-    ['attention', 'experts']
+    ['attention', 'experts', 'leaves', 'resident']
     >>> sorted(parse_setting("experts"))
     ['experts']
     >>> parse_setting(None)
@@ -349,18 +470,22 @@ def _experts_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, GptOssExperts)]
 
 
-def install(model: nn.Module, parts: frozenset[str] | set[str] = frozenset(PARTS)) -> dict[str, int]:
+def install(model: nn.Module, parts: frozenset[str] | set[str] = frozenset(PARTS),
+            environ: Mapping[str, str] = os.environ) -> dict[str, int]:
     """Put the fast paths on a loaded gpt-oss model (bare, or inside a PEFT wrapper); returns counts.
 
     ``experts``: every ``GptOssExperts`` gets :func:`routed_experts_forward` as its instance's
     ``forward`` (its parameters are untouched). ``attention``: the model's configs switch to
     :data:`FAST_ATTN_IMPLEMENTATION`, which ``GptOssAttention`` and the mask builders look up on
     every call (``modeling_gpt_oss.py:324-326``, ``masking_utils.py:895``). The previous
-    implementation is remembered so that :func:`uninstall` restores it."""
+    implementation is remembered so that :func:`uninstall` restores it. ``leaves`` and
+    ``resident`` act only on a ZeRO-3 partitioned model (:func:`mark_layer_leaves`;
+    :func:`keep_resident` only under a training config without parameter offload, within
+    :func:`resident_budget_bytes`); elsewhere they count 0."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown part(s) {sorted(unknown)}; choose from {list(PARTS)}")
-    counts = {"experts": 0, "attention": 0}
+    counts = dict.fromkeys(PARTS, 0)
     if "experts" in parts:
         for module in _experts_modules(model):
             module.forward = types.MethodType(routed_experts_forward, module)
@@ -374,11 +499,19 @@ def install(model: nn.Module, parts: frozenset[str] | set[str] = frozenset(PARTS
                 pretrained._rft_previous_attn_implementation = config._attn_implementation
                 config._attn_implementation = FAST_ATTN_IMPLEMENTATION
                 counts["attention"] += 1
+    zero3 = is_zero3_partitioned(model)
+    if "leaves" in parts and zero3:
+        counts["leaves"] = mark_layer_leaves(model)
+    if "resident" in parts and zero3 and is_training_config(live_ds_config()):
+        counts["resident"] = keep_resident(frozen_layer_params(model),
+                                           resident_budget_bytes(environ, device_memory_bytes()))
     return counts
 
 
 def uninstall(model: nn.Module) -> None:
-    """Undo :func:`install`: transformers' own experts and the attention implementation set before."""
+    """Undo :func:`install`: transformers' own experts and the attention implementation set before.
+
+    Leaves and residency are DeepSpeed's state once ``deepspeed.initialize`` has run; they stay."""
     for module in _experts_modules(model):
         module.__dict__.pop("forward", None)
     for pretrained in _pretrained_models(model):
@@ -392,5 +525,5 @@ def install_from_env(model: nn.Module, environ: Mapping[str, str] = os.environ) 
     :data:`SETTING` asks for (none by default)."""
     parts = parse_setting(environ.get(SETTING))
     if not parts:
-        return {"experts": 0, "attention": 0}
-    return install(model, parts)
+        return dict.fromkeys(PARTS, 0)
+    return install(model, parts, environ)

@@ -50,7 +50,6 @@ LEFT_PAD = 37
 def tiny_model(dtype: torch.dtype = torch.float32, lora: bool = True):
     """Tiny gpt-oss with eager attention, sinks that matter, sharp attention and routing, and LoRA on q/k/v/o
     (B matrices non-zero, so that A has gradients), reentrant checkpointing as the launchers train."""
-    from peft import LoraConfig, TaskType, get_peft_model
     from transformers import GptOssConfig, GptOssForCausalLM
 
     torch.manual_seed(0)
@@ -67,8 +66,13 @@ def tiny_model(dtype: torch.dtype = torch.float32, lora: bool = True):
                 value = value * 20  # decisive top-k
             param.copy_(value)
     model = model.to(dtype)
-    if not lora:
-        return model
+    return add_lora(model) if lora else model
+
+
+def add_lora(model):
+    """LoRA r8 on q/k/v/o with random B (so that A has gradients), reentrant checkpointing, as the actor trains."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
     model.config.use_cache = False
     model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16, lora_dropout=0.0,
@@ -122,7 +126,7 @@ def max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 @pytest.mark.parametrize("value, parts", [
     (None, set()), ("", set()), ("0", set()), ("off", set()),
-    ("1", {"attention", "experts"}), ("all", {"attention", "experts"}),
+    ("1", set(fast_gptoss.PARTS)), ("all", set(fast_gptoss.PARTS)), ("attention,experts", {"attention", "experts"}),
     ("experts", {"experts"}), ("attention", {"attention"}), (" experts , attention ", {"attention", "experts"}),
 ])
 def test_setting_names_the_parts_installed(value, parts):
@@ -136,7 +140,7 @@ def test_an_unknown_part_is_refused_with_the_variable_named():
 
 def test_without_the_setting_the_model_is_left_as_loaded():
     model = tiny_model(lora=False)
-    assert fast_gptoss.install_from_env(model, environ={}) == {"experts": 0, "attention": 0}
+    assert fast_gptoss.install_from_env(model, environ={}) == dict.fromkeys(fast_gptoss.PARTS, 0)
     assert model.config._attn_implementation == "eager"
     assert not any("forward" in m.__dict__ for m in model.modules())
 
@@ -274,7 +278,7 @@ def test_fast_path_log_probs_and_lora_grads_equal_eager_with_transformers_expert
     model, b = tiny_model(), batch()
     ref_eval, _ = step(model, b, train=False)
     ref_train, ref_grads = step(model, b, train=True)
-    assert fast_gptoss.install(model) == {"experts": 2, "attention": 1}
+    assert fast_gptoss.install(model) == {"experts": 2, "attention": 1, "leaves": 0, "resident": 0}  # no ZeRO-3
     out_eval, _ = step(model, b, train=False)
     out_train, grads = step(model, b, train=True)
     assert (out_eval - ref_eval).abs().max().item() < LOGPROB_TOL
@@ -310,7 +314,7 @@ def test_uninstall_gives_back_the_transformers_paths_bit_for_bit():
 def test_install_from_env_installs_what_the_setting_names():
     model = tiny_model(lora=False)
     counts = fast_gptoss.install_from_env(model, environ={fast_gptoss.SETTING: "experts"})
-    assert counts == {"experts": 2, "attention": 0}
+    assert counts == {"experts": 2, "attention": 0, "leaves": 0, "resident": 0}
     assert model.config._attn_implementation == "eager"
     fast_gptoss.uninstall(model)
     assert not any("forward" in m.__dict__ for m in model.modules())
@@ -353,3 +357,125 @@ def test_patched_actor_installs_the_fast_paths_only_when_asked(
     # the model, not Actor.forward: its log-probs go through flash-attn's Triton cross entropy, GPU only
     ids = torch.randint(2, TINY_CONFIG["vocab_size"], (1, 24))
     assert actor.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.isfinite().all()
+
+
+# ZeRO-3: layer leaves and resident frozen weights ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gloo_world():
+    """A one-process gloo group on DeepSpeed's CPU accelerator: what ZeRO-3 needs to partition and train."""
+    import os
+    import socket
+
+    import deepspeed
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(port)}.items():
+            os.environ.setdefault(key, value)
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    yield
+    if created and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def openrlhf_ds_configs(root) -> dict[str, dict]:
+    """OpenRLHF 0.9.3's own train and eval DeepSpeed configs (ZeRO-3, fp32 so that parity is exact, zpg 1 as
+    its strategy passes by default), from its ``deepspeed_utils.py`` loaded by file path, with the batch sizes
+    its strategy adds."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_oprl_ds_utils", root / "openrlhf" / "utils" / "deepspeed" / "deepspeed_utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    sizes = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": 1}
+    train = utils.get_train_ds_config(offload=False, adam_offload=False, stage=3, param_dtype="fp32", zpg=1)
+    evaluate = utils.get_eval_ds_config(offload=False, stage=3, param_dtype="fp32")
+    configs = {"train": {**train, **sizes}, "eval": {**evaluate, **sizes}}
+    for config in configs.values():
+        # every tiny weight is under DeepSpeed's default threshold (1e5 elements), below which it keeps
+        # weights whole by itself; gpt-oss's are far above it. 0: DeepSpeed keeps none whole here either.
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    return configs
+
+
+def zero3_step(ds_config: dict, parts: set[str], environ: dict[str, str]):
+    """What the patched actor does, on the tiny gpt-oss: partition under a live HfDeepSpeedConfig, the hook
+    (:func:`fast_gptoss.install`), LoRA, ``deepspeed.initialize``; then one PPO-style training micro step.
+
+    Returns the install counts, the log-probs and gathered LoRA gradients of the first micro step, the
+    engine and the base layer parameters (as a second micro step left them)."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    model, b = tiny_model(lora=False), batch()
+    dschf = HfDeepSpeedConfig(ds_config)  # noqa: F841 - alive while the hook runs, as in the actor
+    deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
+    counts = fast_gptoss.install(model, parts, environ)
+    unset_hf_deepspeed_config()
+    base = fast_gptoss.frozen_layer_params(model)
+    model = add_lora(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(trainable, lr=1e-3), config=ds_config)
+    real = b["mask"][:, 1:].bool()
+    engine.train()
+    lp = log_probs(engine, b)
+    engine.backward(-(lp * b["advantages"] * real).sum() / real.sum())
+    grads = {n: safe_get_full_grad(p).float().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+    # a second micro step: the first records DeepSpeed's module trace and releases everything it
+    # gathered (partitioned_param_coordinator.py release_sub_module); from the second on the trace
+    # decides, and it leaves persisted parameters whole
+    engine.backward(-(log_probs(engine, b) * b["advantages"] * real).sum() / real.sum())
+    return counts, lp.detach()[real], grads, engine, base
+
+
+@pytest.mark.slow
+def test_zero3_layer_leaves_and_resident_weights_train_like_plain_zero3(gloo_world, pristine_root):
+    """Under OpenRLHF's train config the hook makes each layer one ZeRO-3 unit and keeps its base weights
+    gathered through forward, recompute and backward, and the log-probs and LoRA gradients are those of
+    ZeRO-3 without either, and of the same model without DeepSpeed."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    configs = openrlhf_ds_configs(pristine_root)
+    fast = {"attention", "experts"}
+    counts0, lp0, grads0, engine0, base0 = zero3_step(configs["train"], fast, {})
+    counts1, lp1, grads1, engine1, base1 = zero3_step(configs["train"], set(fast_gptoss.PARTS),
+                                                      {fast_gptoss.RESIDENT_SETTING: "1"})
+    layers = TINY_CONFIG["num_hidden_layers"]
+    assert counts0 == {"experts": layers, "attention": 1, "leaves": 0, "resident": 0}
+    assert counts1 == {"experts": layers, "attention": 1, "leaves": layers, "resident": len(base1)}
+    layer_modules = [m for m in engine1.module.modules() if type(m).__name__ == "GptOssDecoderLayer"]
+    assert len(layer_modules) == layers and all(m._z3_leaf for m in layer_modules)
+    # after the micro steps, plain ZeRO-3 has released the base weights (all but the layers' sinks,
+    # which DeepSpeed 0.18.5 leaves gathered here); the resident ones are all still whole
+    assert sum(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in base0) >= len(base0) - layers
+    assert all(p.ds_status == ZeroParamStatus.AVAILABLE and p.ds_persist for p in base1)
+    assert (lp1 - lp0).abs().max().item() < LOGPROB_TOL
+    assert max_rel(grads1, grads0) < GRAD_REL_TOL
+    plain = tiny_model()
+    fast_gptoss.install(plain, fast)
+    lp_plain, grads_plain = step(plain, batch(), train=True)
+    assert (lp1 - lp_plain).abs().max().item() < LOGPROB_TOL
+    assert max_rel(grads1, grads_plain) < GRAD_REL_TOL
+
+
+@pytest.mark.slow
+def test_frozen_weights_stay_partitioned_for_eval_configs_and_beyond_the_budget(gloo_world, pristine_root):
+    """The reference model (eval config) and a model larger than the budget keep ZeRO-3's partitions;
+    a budget that is not a number is refused with the variable named."""
+    configs = openrlhf_ds_configs(pristine_root)
+    parts = set(fast_gptoss.PARTS)
+    counts, *_ = zero3_step(configs["eval"], parts, {fast_gptoss.RESIDENT_SETTING: "1"})
+    assert counts["leaves"] == TINY_CONFIG["num_hidden_layers"] and counts["resident"] == 0
+    counts, *_ = zero3_step(configs["train"], parts, {fast_gptoss.RESIDENT_SETTING: "0"})
+    assert counts["resident"] == 0
+    with pytest.raises(ValueError, match=fast_gptoss.RESIDENT_SETTING):
+        zero3_step(configs["train"], parts, {fast_gptoss.RESIDENT_SETTING: "lots"})
