@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 import oprl
-from fixtures import metrics_fakes as fk
 import reward_func_em
+from fixtures import metrics_fakes as fk
 from rft import metrics_schema
 from rft.contract import TEXT_LOG_KEYS
 from test_metrics_patches import actor_trainer, fill_buffer, planted_rollout
@@ -294,6 +292,40 @@ def test_one_trainer_step_end_to_end(patched_root, vllm_stub, monkeypatch, tmp_p
     assert len(spikes) == 1 and spikes[0]["grad_norm"] == 80.0 and spikes[0]["global_step"] == 1
     assert spikes[0]["prompt_hashes"] and set(spikes[0]["prompts"].values()) <= {"p0", "p1"}
     assert "log_ratio_max" in spikes[0]
+
+
+def test_a_failed_reward_costs_its_sample_not_the_step(patched_root, vllm_stub, monkeypatch, tmp_path):
+    """The reward function raised for one sample (utils/agent.py leaves reward=None, no extra_logs)."""
+    monkeypatch.setenv("METRICS_LOG_DIR", str(tmp_path))
+    monkeypatch.delenv("SAMPLES_LOG_DIR", raising=False)
+    tr = oprl.load(patched_root, TRAINER)
+    em = sys.modules["openrlhf.trainer.ppo_utils.experience_maker"]
+    import importlib
+
+    pa = importlib.import_module("openrlhf.trainer.ray.ppo_actor")
+    monkeypatch.setattr(tr, "ray", fk.fake_ray())
+    monkeypatch.setattr(em, "ray", fk.fake_ray())
+    planted_args, planted_response = fk.make_args, fk.response_dict
+    monkeypatch.setattr(fk, "make_args", lambda **kw: planted_args(remote_rm_url=["reward_func_em.py"], **kw))
+
+    def response_dict(prompt_ids, response_ids, reward, extra_logs, prompt, label, truncated=False):
+        if reward < 0:  # the planted failure
+            return dict(planted_response(prompt_ids, response_ids, 0.0, {}, prompt, label, truncated), reward=None, scores=None)
+        return planted_response(prompt_ids, response_ids, reward, extra_logs, prompt, label, truncated)
+
+    monkeypatch.setattr(fk, "response_dict", response_dict)
+    rewards = [1, 0, 1, -1, 0, 0, 1, 1]
+    args, rollout = planted_rollout(em, rewards, [max(r, 0) for r in rewards])
+    em.align_info_keys(rollout)  # what the patched _generate_vllm does last with the samples it collected
+    actor = actor_trainer(pa, args, fk.FakeEngine(gas=2, norms=[0.5]))
+    fill_buffer(pa, actor, [], args, monkeypatch)
+    trainer = tr.BasePPOTrainer(fk.FakeStrategy(args), ActorGroup(actor), None, None, None, [object()], fk.FakeTokenizer())
+    status, step = trainer.train_step(rollout, 0)
+    trainer.save_logs_and_checkpoints(step, status, {"episode": 0})
+    record = json.loads((tmp_path / "training_metrics.jsonl").read_text())
+    assert step == 1 and record["global_step"] == 1 and record["optimizer_steps"] == 2
+    assert record["reward_failures_count"] == 1 and record["reward_failures"] == 1 / 8
+    assert record["reward_mean"] == pytest.approx(4 / 8)  # the failed sample counts as 0.0
 
 
 class FakePromptLoader:
