@@ -21,6 +21,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rft.contract import (
     ENV_METRICS_DIR,
@@ -177,7 +178,7 @@ def record_problems(row: dict) -> list[str]:
             continue
         if key in TEXT_KEYS:
             if not isinstance(value, TEXT_KEYS[key]):
-                out.append(f"{key} is a {type(value).__name__}, not a {TEXT_KEYS[key].__name__}")
+                out.append(f"{key} is {_JSON_TYPE.get(type(value), 'a number')}, not {_JSON_TYPE[TEXT_KEYS[key]]}")
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             out.append(f"{key} is {_JSON_TYPE.get(type(value), 'a value')} ({json.dumps(value)[:20]}), not a number")
     return out
@@ -199,7 +200,7 @@ def read_records(path: Path, label: str, check_values: bool = True) -> tuple[lis
         row, why = parse_line(line)
         if why is not None:
             skipped += 1
-            if i == len(lines) - 1 and unterminated and why.startswith("not JSON"):
+            if i == len(lines) - 1 and unterminated:  # cut mid-line, perhaps mid-character
                 torn = True
             else:
                 problems.append(f"{label} line {n}: {why}")
@@ -213,20 +214,6 @@ def read_records(path: Path, label: str, check_values: bool = True) -> tuple[lis
         else:
             rows.append((n, row))
     return rows, problems, skipped, torn
-
-
-def read_jsonl(path: Path) -> tuple[list[dict], int]:
-    """JSON objects of a file (none when it does not exist); lines that do not parse are counted."""
-    if not Path(path).exists():
-        return [], 0
-    rows, bad = [], 0
-    for _, line in read_lines(path)[0]:
-        row, why = parse_line(line)
-        if why is None and isinstance(row, dict):
-            rows.append(row)
-        else:
-            bad += 1
-    return rows, bad
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -872,14 +859,14 @@ def _ranges(steps: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _plot_curve(ax, series: list[tuple[int, float]], key: str, index: int, **kw) -> None:
+def _plot_curve(ax: Any, series: list[tuple[int, float]], key: str, index: int, **kw) -> None:
     ls, marker, lw = LINE_STYLES[index % len(LINE_STYLES)]
     xs, ys = [x for x, _ in series], [y for _, y in series]
     every = max(1, len(xs) // MARKERS_PER_CURVE)
     ax.plot(xs, ys, ls=ls, marker=marker, lw=lw, ms=5, markevery=(index % every, every), label=key, **kw)
 
 
-def _mark_steps(ax, marks: Marks) -> None:
+def _mark_steps(ax: Any, marks: Marks) -> None:
     for step in marks.eval_steps:
         ax.axvline(step, color="grey", ls="--", lw=0.7, alpha=0.5)
     for step in marks.checkpoints:
@@ -892,7 +879,7 @@ def _mark_steps(ax, marks: Marks) -> None:
         ax.axvline(step, color="darkorange", ls="-", lw=1.2, alpha=0.6)
 
 
-def _marks_legend(marks: Marks) -> list:
+def _marks_legend(marks: Marks) -> list[Any]:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -910,7 +897,7 @@ def _marks_legend(marks: Marks) -> list:
     return handles
 
 
-def draw_dashboard(run: Run, verdicts: list[Verdict] | None = None, th: Thresholds | None = None):
+def draw_dashboard(run: Run, verdicts: list[Verdict] | None = None, th: Thresholds | None = None) -> Any:
     """The dashboard figure: the main curves, the eval points, and the marked steps."""
     import matplotlib
 

@@ -89,12 +89,14 @@ def test_text_values_and_steps_without_global_step_are_named_by_line(tmp_path):
     lines[5] = json.dumps(row6)  # line 6
     lines[7] = lines[7].replace('"reward_mean": ', '"reward_mean": "0.5", "z": ', 1)  # line 8
     lines[11] = json.dumps([1, 2])  # line 12
+    lines[12] = lines[12].replace('"run_id": "synthetic"', '"run_id": 7', 1)  # line 13
     run = run_health.load_run(_write(tmp_path, lines))
     files = _levels(run)["metrics files"]
     assert files.level == "warn" and files.action
     assert "training_metrics.jsonl line 6: no global_step" in files.detail
     assert 'training_metrics.jsonl line 8: reward_mean is text ("0.5"), not a number' in files.detail
     assert "training_metrics.jsonl line 12: a JSON list, not an object" in files.detail
+    assert "4 bad:" in files.detail and "training_metrics.jsonl line 13: run_id is a number, not text" in files.detail
     assert 8 in [r["global_step"] for r in run.records]  # its other values still count
     assert 6 not in [r["global_step"] for r in run.records]
     proc = _cli(str(tmp_path))
@@ -113,6 +115,8 @@ def test_a_torn_last_line_is_a_run_being_written_a_torn_middle_line_is_not(tmp_p
     lines = _healthy_lines()
     path = _write(tmp_path, lines) / "training_metrics.jsonl"
     path.write_bytes(path.read_bytes() + b'{"global_step": 31, "rew')
+    assert _levels(run_health.load_run(tmp_path))["metrics files"].level == "ok"
+    path.write_bytes(path.read_bytes() + b'ard_mean": 0.5, "run_id": "caf\xc3')  # cut inside a two-byte character
     assert _levels(run_health.load_run(tmp_path))["metrics files"].level == "ok"
     path.write_text("\n".join(lines[:4] + ['{"global_step": 5, "rew'] + lines[5:]) + "\n")
     files = _levels(run_health.load_run(tmp_path))["metrics files"]
