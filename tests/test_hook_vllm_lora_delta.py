@@ -14,7 +14,8 @@ What the groups prove:
   ``bf16(W0 + delta_N)``; entries the adapter does not touch stay bitwise equal; a zero adapter
   leaves W0 bitwise (-0.0 included); targets dropped by a later adapter return to W0; small
   updates that round away show in the evidence; chunking and the pristine copy's place change
-  nothing;
+  nothing; a buffer broadcast over the model-update group (``receive="nccl"``, either kind of
+  group) merges as bytes do;
 * refusals: a wrong format, a short payload, a NaN adapter, a quantized or unknown target fail
   in one line and write nothing;
 * evidence: the engine's summary of its workers, by hand.
@@ -304,6 +305,48 @@ def test_scratch_budget_chunks_give_the_same_result(monkeypatch):
     sync(llm, adapter)
     check_ranks(models, TINY, 2, checkpoint, adapter, initial)
     assert all(m.load_calls == 3 for m in models)  # qkv 0, o 0, qkv 1
+
+
+class Broadcaster:
+    """The model-update group's ``broadcast`` seen from a receiving worker: it fills the buffer the
+    worker allocated with what trainer rank 0 sent (NCCL itself needs GPUs)."""
+
+    def __init__(self, sent: bytes):
+        self.sent = torch.frombuffer(bytearray(sent), dtype=torch.uint8)
+        self.calls: list[tuple] = []
+
+    def broadcast(self, tensor, src=0, stream=None, group_name=None):
+        self.calls.append((tensor.dtype, tensor.numel(), src, group_name))
+        tensor.copy_(self.sent)
+
+
+@pytest.mark.parametrize("with_ray", [False, True], ids=["pynccl", "ray-collective"])
+def test_nccl_receive_takes_the_buffer_from_the_model_update_group(monkeypatch, with_ray):
+    """``receive="nccl"``: no bytes in the call; each worker receives ``nbytes`` from rank 0 over
+    the group ``init_process_group`` made (vLLM's PyNcclCommunicator, or a ray.util.collective
+    group with ``--vllm_sync_with_ray``), then merges exactly as from bytes."""
+    import sys
+
+    import ray.util
+
+    checkpoint = emu.random_attention_checkpoint(TINY, seed=61)
+    models, llm = make_engine(TINY, 2, checkpoint)
+    initial = [emu.state_copy(m) for m in models]
+    adapter = random_adapter(TINY, [(0, "k_proj"), (1, "o_proj")], seed=62)
+    spec, blob = adapter_payload(adapter)
+    group = Broadcaster(blob)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: None)  # no GPU: no stream
+    collective = types.ModuleType("ray.util.collective")
+    collective.broadcast = lambda tensor, src, group_name: group.broadcast(tensor, src, group_name=group_name)
+    monkeypatch.setitem(sys.modules, "ray.util.collective", collective)
+    monkeypatch.setattr(ray.util, "collective", collective, raising=False)
+    for worker in llm.workers:
+        worker._model_update_with_ray = with_ray
+        worker._model_update_group = "rft-update" if with_ray else group
+    evidence = asyncio.run(vld.apply_lora_update(llm, spec, None))
+    assert group.calls == [(torch.uint8, len(blob), 0, "rft-update" if with_ray else None)] * 2
+    assert evidence["workers"] == 2 and evidence["changed_frac"] > 0
+    check_ranks(models, TINY, 2, checkpoint, adapter, initial)
 
 
 # ----------------------------------------------------------------------------- refusals
