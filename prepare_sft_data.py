@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=dp.DEFAULT_AIME_SOURCE,
         help="AIME 2024 problems for aime_eval.jsonl (hub id[:split] or local file); 'none' skips the file",
     )
+    src.add_argument("--ood-revision", default=None, help="hub revision (commit or tag) of --ood-source, to pin it")
+    src.add_argument("--aime-revision", default=None, help="hub revision (commit or tag) of --aime-source, to pin it")
     out = parser.add_argument_group("outputs")
     out.add_argument("--out-dir", type=Path, default=Path("data"), help="folder that receives every output")
     out.add_argument("--seed", type=int, default=42, help="decides which problem goes to which split")
@@ -146,14 +148,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     eval_sets: list[dp.EvalSet] = []
-    for name, spec, out_file, datasource, size in (
-        ("ood", args.ood_source, dp.OUT_PROBE_OOD, "ood_probe", args.ood_size),
-        ("aime", args.aime_source, dp.OUT_AIME, "aime", None),
+    for name, spec, out_file, datasource, size, revision in (
+        ("ood", args.ood_source, dp.OUT_PROBE_OOD, "ood_probe", args.ood_size, args.ood_revision),
+        ("aime", args.aime_source, dp.OUT_AIME, "aime", None, args.aime_revision),
     ):
         if _is_none(spec):
             dp.log(f"{name}: skipped (no source given); {out_file} is not written")
             continue
-        eval_sets.append(dp.build_eval_set(name, spec, out_file, datasource, size, args.seed))
+        eval_sets.append(dp.build_eval_set(name, spec, out_file, datasource, size, args.seed, revision))
         dp.log(f"{name}: {len(eval_sets[-1].rows)} problems from {spec}")
     check_eval_sets_disjoint(eval_sets)
     # Every problem of an eval source stays out of training, not only the sampled ones.

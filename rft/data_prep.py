@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import reward_func_em
 from rft.patching import signals_held
 
 REQUIRED_COLUMNS = (
@@ -84,6 +85,7 @@ ALL_OUTPUTS = (
 # An integer: optional sign (ASCII or U+2212 minus), then ASCII digits, plain or in
 # groups of three separated by ",", "{,}" or "\," (LaTeX thin space).
 _INTEGER_RE = re.compile(r"([+\-\u2212]?)(\d{1,3}(?:(?:,|\{,\}|\\,)\d{3})+|\d+)", re.ASCII)
+_PLAIN_INTEGER_RE = re.compile(r"-?\d{1,64}", re.ASCII)
 _SEPARATOR_RE = re.compile(r",|\{,\}|\\,")
 _DECIMAL_RE = re.compile(r"[+\-\u2212]?(?:\d{1,3}(?:,\d{3})+|\d*)\.\d+", re.ASCII)
 _SOURCE_AMC_AIME_RE = r"(?i)amc|aime"
@@ -194,12 +196,28 @@ def parse_integer_answer(text: str) -> str | None:
     '1000'
     >>> parse_integer_answer("$-42$")
     '-42'
-    >>> [parse_integer_answer(x) for x in ["\\\\frac{1}{2}", "2.5", "1, 2", "", "x=5"]]
-    [None, None, None, None, None]
+    >>> [parse_integer_answer(x) for x in ["\\\\frac{1}{2}", "2.5", "1, 2", ""]]
+    [None, None, None, None]
+
+    Forms the reward grades as integers are integers here too (one grammar):
+
+    >>> [parse_integer_answer(x) for x in ["90^\\\\circ", "x=5", "\\\\$36"]]
+    ['90', '5', '36']
     """
     if text.isdigit() and text.isascii():  # the common case, without a regex
         return text.lstrip("0") or "0"
-    return canonical_integer(unwrap_answer(text))
+    return canonical_integer(unwrap_answer(text)) or integer_by_reward(text)
+
+
+def integer_by_reward(text: str) -> str | None:
+    """The integer the reward reads in ``text`` (degrees, units, ``x=``, dollars), or None.
+
+    The data filter keeps exactly the answers the reward can grade as integers: a label the
+    filter dropped but the reward would grade is a lost problem; one it kept but the reward
+    could not read would score every sample 0.
+    """
+    normalized = reward_func_em.normalize_answer(text)
+    return canonical_integer(normalized) if _PLAIN_INTEGER_RE.fullmatch(normalized) else None
 
 
 def classify_answer(text: str) -> tuple[str | None, str]:
@@ -207,7 +225,7 @@ def classify_answer(text: str) -> tuple[str | None, str]:
     if text.isdigit() and text.isascii():
         return text.lstrip("0") or "0", ""
     core = unwrap_answer(text)
-    label = canonical_integer(core)
+    label = canonical_integer(core) or integer_by_reward(text)
     return (label, "") if label is not None else (None, _core_rejection_reason(core))
 
 
@@ -420,13 +438,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def resolve_files(spec: str, suffixes: tuple[str, ...] = (".parquet", ".jsonl")) -> list[Path] | None:
+def resolve_files(spec: str, suffixes: tuple[str, ...] = (".parquet", ".jsonl"),
+                  wanted: str = "NuminaMath-1.5 parquet shards") -> list[Path] | None:
     """Local files named by a source spec (a file or a folder of them), or None for a hub id."""
     path = Path(spec)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".jsonl") and p.is_file())
+        files = sorted(p for p in path.rglob("*") if p.suffix in suffixes and p.is_file())
         if not files:
-            raise PrepError(f"{spec}: folder holds no .parquet or .jsonl file; point at NuminaMath-1.5 parquet shards")
+            raise PrepError(f"{spec}: folder holds no {' or '.join(suffixes)} file; point at {wanted}")
         return files
     if path.is_file():
         if path.suffix not in suffixes:
@@ -527,7 +546,9 @@ def open_source(
     info = SourceInfo(spec=spec, kind="files")
     total = 0
     for path in files:
-        entry = {"name": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        entry = {"name": path.name, "bytes": path.stat().st_size, "sha256": _readable_sha256(path)}
+        if path.suffix == ".jsonl":
+            _check_jsonl_columns(path, columns)
         if path.suffix == ".parquet":
             total_rows = _parquet_rows(path)
             entry["rows"] = total_rows
@@ -535,6 +556,29 @@ def open_source(
         info.files.append(entry)
     info.rows = total if all(p.suffix == ".parquet" for p in files) else None
     return info, _iter_files(files, columns, malformed_column)
+
+
+def _readable_sha256(path: Path) -> str:
+    try:
+        return file_sha256(path)
+    except OSError as exc:
+        raise PrepError(f"{path}: cannot read it ({exc.strerror or exc}); check its permissions") from None
+
+
+def _check_jsonl_columns(path: Path, columns: Sequence[str]) -> None:
+    """Refuse a JSONL file whose first object lacks a required column, naming the columns."""
+    with open(path, "rb") as handle:
+        for line in handle:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                missing = [name for name in columns if name not in row]
+                if missing:
+                    raise PrepError(f"{path}: rows lack the column(s) {', '.join(missing)} (first row has "
+                                    f"{', '.join(sorted(row)) or 'none'}); give a NuminaMath-1.5-shaped source")
+                return
 
 
 def _parquet_rows(path: Path) -> int:
@@ -835,16 +879,25 @@ def _pick_column(names: Sequence[str], wanted: Sequence[str], origin: str) -> st
     raise PrepError(f"{origin}: no {'/'.join(wanted)} column (has {', '.join(names)}); give a problem/answer dataset")
 
 
-def read_eval_rows(spec: str) -> tuple[SourceInfo, list[tuple[Any, Any]]]:
-    """(problem, answer) pairs of a small evaluation source; integer answers become strings."""
-    files = resolve_files(spec, (".parquet", ".jsonl", ".json"))
+PROBLEM_COLUMNS = ("problem", "question", "input")
+"""Eval sources name the problem so; ``input`` is rft's own row format."""
+ANSWER_COLUMNS = ("answer", "label")
+
+
+def read_eval_rows(spec: str, revision: str | None = None) -> tuple[SourceInfo, list[tuple[Any, Any]]]:
+    """(problem, answer) pairs of a small evaluation source, and its provenance.
+
+    Lines that are not JSON objects (malformed, not UTF-8) are reported in one warning line per
+    file with the first line number, and come back as ``(None, None)`` so that the report counts them.
+    """
+    files = resolve_files(spec, (".parquet", ".jsonl", ".json"), "a file of problems with answers")
     records: list[dict[str, Any]] = []
     if files is None:
         import datasets
 
         name, _, split = spec.partition(":")
         try:
-            loaded = datasets.load_dataset(name, split=split or None)
+            loaded = datasets.load_dataset(name, split=split or None, revision=revision)
         except Exception as exc:
             raise PrepError(
                 f"{spec}: cannot load from the Hugging Face hub ({type(exc).__name__}: {exc}); "
@@ -857,14 +910,16 @@ def read_eval_rows(spec: str) -> tuple[SourceInfo, list[tuple[Any, Any]]]:
                 raise PrepError(f"{spec}: has splits {', '.join(names)}; name one as {name}:SPLIT")
             loaded, split = loaded[pick], pick
         info = SourceInfo(spec=spec, kind="hub", rows=len(loaded))
-        info.hub = {"name": name, "split": split, "fingerprint": loaded._fingerprint}
+        info.hub = {"name": name, "split": split, "revision": revision, "fingerprint": loaded._fingerprint}
         records = list(loaded)
     else:
         import pyarrow.parquet as pq
 
+        if revision:
+            raise PrepError(f"{spec}: a revision pins a hub dataset; a local file is pinned by its sha256 (drop it)")
         info = SourceInfo(spec=spec, kind="files")
         for path in files:
-            info.files.append({"name": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)})
+            info.files.append({"name": path.name, "bytes": path.stat().st_size, "sha256": _readable_sha256(path)})
             if path.suffix == ".parquet":
                 try:
                     records.extend(pq.read_table(path).to_pylist())
@@ -876,14 +931,14 @@ def read_eval_rows(spec: str) -> tuple[SourceInfo, list[tuple[Any, Any]]]:
     if not records:
         raise PrepError(f"{spec}: holds no rows")
     names = sorted({key for rec in records if isinstance(rec, dict) for key in rec})
-    problem_col = _pick_column(names, ("problem", "question"), spec)
-    answer_col = _pick_column(names, ("answer",), spec)
+    problem_col = _pick_column(names, PROBLEM_COLUMNS, spec)
+    answer_col = _pick_column(names, ANSWER_COLUMNS, spec)
     pairs = [(rec.get(problem_col), rec.get(answer_col)) if isinstance(rec, dict) else (None, None) for rec in records]
     return info, pairs
 
 
 def _read_json_records(path: Path) -> list[Any]:
-    """Rows of a JSONL file (or a JSON array file); an unparsable line becomes None."""
+    """Rows of a JSONL file (or a JSON array file); a line that is not a JSON object becomes None."""
     text = path.read_bytes()
     if path.suffix == ".json" and text.lstrip()[:1] == b"[":
         try:
@@ -891,34 +946,79 @@ def _read_json_records(path: Path) -> list[Any]:
         except ValueError as exc:
             raise PrepError(f"{path}: not valid JSON ({exc})") from exc
     out: list[Any] = []
-    for line in text.splitlines():
+    bad: Counter = Counter()
+    first: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
+            row = json.loads(line.decode("utf-8"))
+            kind = None if isinstance(row, dict) else "not a JSON object"
+        except UnicodeDecodeError:
+            row, kind = None, "not UTF-8"
         except ValueError:
-            out.append(None)
+            row, kind = None, "not valid JSON"
+        if kind:
+            bad[kind] += 1
+            first.setdefault(kind, number)
+            row = None
+        out.append(row)
+    if bad:
+        log(f"warning: {path}: skipped " + ", ".join(f"{n} line(s) {kind} (first: line {first[kind]})"
+                                                     for kind, n in bad.items()))
     return out
 
 
+def _answer_text(answer: Any) -> tuple[str | None, str]:
+    """An eval answer as text, or ``(None, reason)``: integers and integer-valued floats are accepted."""
+    if isinstance(answer, bool):
+        return None, "answer is true/false"
+    if isinstance(answer, int):
+        return str(answer), ""
+    if isinstance(answer, float):
+        return (str(int(answer)), "") if answer.is_integer() else (None, "decimal")
+    if isinstance(answer, str):
+        return answer, ""
+    return None, "missing answer" if answer is None else f"answer is {type(answer).__name__}"
+
+
+KNOWN_WRONG_ANSWERS = (
+    # (pieces of the problem without whitespace, the wrong answer some copies carry, the right one, which problem)
+    (("4g(f(\\sin(2\\pix)))", "4g(f(\\cos(3\\piy)))"), "384", "385", "AIME 2024 I problem 12"),
+)
+"""Errors known in circulating copies of eval sets; a copy that carries one gets a warning."""
+
+
+def known_wrong_answer(problem: str, label: str) -> str | None:
+    """A warning when ``(problem, label)`` is a known wrong answer of a circulating copy."""
+    squeezed = "".join(problem.split())
+    for words, wrong, right, where in KNOWN_WRONG_ANSWERS:
+        if label == wrong and all(w in squeezed for w in words):
+            return f"{where} is labelled {wrong} here; its answer is {right} (a known error of some copies): fix the source"
+    return None
+
+
 def build_eval_set(
-    name: str, spec: str, out_file: str, datasource: str, size: int | None, seed: int
+    name: str, spec: str, out_file: str, datasource: str, size: int | None, seed: int, revision: str | None = None
 ) -> EvalSet:
-    """Filter an evaluation source to clean integer answers, dedup it, and sample ``size`` rows."""
-    info, pairs = read_eval_rows(spec)
+    """Filter an evaluation source to clean integer answers, dedup it, and sample ``size`` rows.
+
+    Every dropped row is counted in the report and summed up in one warning line; a source with
+    fewer usable problems than ``size`` is refused rather than written short under its name.
+    """
+    info, pairs = read_eval_rows(spec, revision)
     wf, integer, dedup = Stage("well_formed"), Stage("integer_answer"), Stage("dedup")
     wf.entered = len(pairs)
     rows: list[tuple[str, str, str]] = []
     seen: set[str] = set()
     source_digests = {problem_hash(p) for p, _ in pairs if isinstance(p, str)}
-    for problem, answer in pairs:
-        if isinstance(answer, int) and not isinstance(answer, bool):
-            answer = str(answer)
+    for problem, raw in pairs:
+        answer, why = _answer_text(raw)
         if not isinstance(problem, str) or not problem.strip():
             wf.reasons["missing problem"] += 1
             continue
-        if not isinstance(answer, str):
-            wf.reasons["missing answer"] += 1
+        if answer is None:
+            wf.reasons[why] += 1
             continue
         integer.entered += 1
         label = parse_integer_answer(answer)
@@ -931,7 +1031,16 @@ def build_eval_set(
             dedup.reasons["duplicate problem"] += 1
             continue
         seen.add(digest)
+        warning = known_wrong_answer(problem, label)
+        if warning:
+            log(f"warning: {spec}: {warning}")
         rows.append((problem, label, digest))
+    dropped = [(reason, n) for stage in (wf, integer, dedup) for reason, n in stage.reasons.items()]
+    if dropped:
+        log(f"{name}: {sum(n for _, n in dropped)} of {len(pairs)} row(s) of {spec} dropped: "
+            + ", ".join(f"{reason} {n}" for reason, n in sorted(dropped, key=lambda d: -d[1])))
+    if size is not None and len(rows) < size:
+        raise PrepError(f"--{name}-size {size}: {spec} has only {len(rows)} usable problem(s); ask for at most {len(rows)}")
     if size is not None:  # a sample: in key order, like the training splits
         rows = sorted(rows, key=lambda r: split_key(seed, r[2]))[:size]
     out = [{"input": p, "label": lab, "datasource": datasource} for p, lab, _ in rows]

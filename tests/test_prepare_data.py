@@ -31,7 +31,7 @@ from rft import data_prep as dp
 REPO = Path(__file__).resolve().parent.parent
 FILLER = 300
 SIZES = ["--rl-pool-size", "200", "--sft-size", "50", "--dev-size", "10", "--pool-subset-size", "40",
-         "--probe-size", "20"]
+         "--probe-size", "20", "--ood-size", "8"]
 TRAINING = ("sft_rl_pool.jsonl", "sft_train.jsonl", "sft_dev.jsonl")
 EVAL = ("probe_set_200_ood.jsonl", "aime_eval.jsonl")
 OUTPUTS = TRAINING + EVAL + ("sft_rl_pool_400.jsonl", "probe_set_200.jsonl")
@@ -92,11 +92,11 @@ ANSWERS = [
     ("\\frac{1}{2}", None),
     ("3/4", None),
     ("2.5", None),
-    ("2.0", None),                    # decimals are rejected, even integral ones
+    ("2.0", "2"),                     # the reward reads an integral decimal as the integer
     ("2\\sqrt{3}", None),
-    ("x = 5", None),
-    ("90^\\circ", None),
-    ("10\\%", None),
+    ("x = 5", "5"),                   # forms the reward grades as integers (one grammar)
+    ("90^\\circ", "90"),
+    ("10\\%", "10"),
     ("", None),
     ("   ", None),
     ("$$", None),
@@ -125,6 +125,16 @@ def test_labels_agree_with_the_reward_normalizer():
         assert rf.normalize_answer(label) == label, raw
         assert rf.answers_match(dp.unwrap_answer(raw), label), raw
         assert rf.score_response(f"So the answer is $\\boxed{{{label}}}$.", label)["reward"] == 1.0
+
+
+@pytest.mark.parametrize("answer,label", ANSWERS)
+def test_filter_and_reward_accept_the_same_integers(answer, label):
+    """One grammar: the filter keeps an answer exactly when the reward reads it as that integer."""
+    read = reward_func_em.normalize_answer(answer)
+    reward_reads_integer = re.fullmatch(r"-?[0-9]+", read) is not None
+    assert (label is not None) == reward_reads_integer, (answer, read)
+    if label is not None:
+        assert reward_func_em.answers_match(answer, label)
 
 
 @pytest.mark.parametrize("answer,reason", [
@@ -219,7 +229,7 @@ def test_labels_are_canonical_strings(fixture_files, tmp_path):
     planted = numina_rows(FILLER)
     survivors = {p.row["problem"]: p.label for p in planted if p.drop is None}
     assert run_cli(fixture_files, tmp_path, "--rl-pool-size", str(len(survivors)), "--sft-size", "0",
-                   "--dev-size", "0", "--pool-subset-size", "0", "--probe-size", "0") == 0
+                   "--dev-size", "0", "--pool-subset-size", "0", "--probe-size", "0", "--ood-size", "8") == 0
     pool = read_jsonl(tmp_path / "sft_rl_pool.jsonl")
     assert {row["input"]: row["label"] for row in pool} == survivors
     for row in pool:
@@ -305,7 +315,7 @@ def test_sft_selection_counts_skipped_solutions(fixture_files, tmp_path):
     survivors = [p for p in planted if p.drop is None]
     usable = sum(p.sft_ok for p in survivors)
     assert run_cli(fixture_files, tmp_path, "--rl-pool-size", "0", "--pool-subset-size", "0", "--probe-size", "0",
-                   "--sft-size", str(usable - 5), "--dev-size", "5") == 0
+                   "--sft-size", str(usable - 5), "--dev-size", "5", "--ood-size", "8") == 0
     sel = json.loads((tmp_path / "prep_report.json").read_text())["sft_selection"]
     assert sel["reasons"] == {"no \\boxed{} in the solution": 1, "last \\boxed{} is not the label": 1,
                               "text follows the last \\boxed{}": 1}
@@ -586,7 +596,7 @@ def test_other_string_encodings_and_typed_columns(fixture_files, tmp_path):
 
 
 def test_too_few_problems_names_the_flag(fixture_files, tmp_path, capsys):
-    assert run_cli(fixture_files, tmp_path / "out", source="parquet") == 2
+    assert run_cli(fixture_files, tmp_path / "out", "--ood-size", "8", source="parquet") == 2
     line = _error_line(capsys)
     assert "--rl-pool-size" in line and "50000" in line
 
@@ -685,7 +695,7 @@ def test_hub_eval_source_picks_split(fixture_files, tmp_path, monkeypatch):
         return ds if split else datasets.DatasetDict({"test": ds, "train": ds.select([0])})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    es = dp.build_eval_set("ood", "HuggingFaceH4/MATH-500", "x.jsonl", "ood_probe", 200, 42)
+    es = dp.build_eval_set("ood", "HuggingFaceH4/MATH-500", "x.jsonl", "ood_probe", 8, 42)
     assert es.info.hub["split"] == "test" and len(es.rows) == 8
 
 
@@ -770,3 +780,103 @@ def test_check_catches_a_tampered_report_in_one_line(fixture_files, tmp_path, ca
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip()
     assert all(str(out) in line for line in err.strip().splitlines())
+
+
+# ---------------------------------------------------------------------------------------------
+# Eval sources: every dropped row is told, nothing shrinks quietly
+# ---------------------------------------------------------------------------------------------
+
+AIME_I_12 = ("Define $f(x)=|| x|-\\tfrac{1}{2}|$ and $g(x)=|| x|-\\tfrac{1}{4}|$. Find the number of intersections "
+             "of the graphs of \\[y=4 g(f(\\sin (2 \\pi x))) \\quad\\text{ and }\\quad x=4 g(f(\\cos (3 \\pi y))).\\]")
+
+
+def _eval_file(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+def test_eval_source_in_rfts_own_row_format(tmp_path):
+    src = _eval_file(tmp_path / "own.jsonl", [json.dumps({"input": f"Problem number {i} here?", "label": str(i)}).encode()
+                                              for i in range(5)])
+    es = dp.build_eval_set("ood", str(src), "x.jsonl", "ood_probe", 5, 42)
+    assert sorted(r["label"] for r in es.rows) == ["0", "1", "2", "3", "4"]
+
+
+def test_bad_eval_lines_and_answers_are_told_in_one_line_each(tmp_path, capsys):
+    good = [json.dumps({"problem": f"Problem number {i} here?", "answer": str(i)}).encode() for i in range(3)]
+    src = _eval_file(tmp_path / "ood.jsonl", good + [
+        b'{"problem": "torn', b'\xff\xfe not utf-8',
+        json.dumps({"problem": "Is it true or false, this one?", "answer": True}).encode(),
+        json.dumps({"problem": "What has no answer at all here?", "answer": None}).encode(),
+        json.dumps({"problem": "What is seven written as a float?", "answer": 7.0}).encode(),
+    ])
+    es = dp.build_eval_set("ood", str(src), "x.jsonl", "ood_probe", None, 42)
+    assert sorted(r["label"] for r in es.rows) == ["0", "1", "2", "7"]
+    err = capsys.readouterr().err.splitlines()
+    skipped = [line for line in err if "skipped" in line]
+    assert len(skipped) == 1 and str(src) in skipped[0]
+    assert "not valid JSON (first: line 4)" in skipped[0] and "not UTF-8 (first: line 5)" in skipped[0]
+    dropped = [line for line in err if "dropped" in line]
+    assert len(dropped) == 1 and "4 of 8 row(s)" in dropped[0]
+    assert "answer is true/false 1" in dropped[0] and "missing answer 1" in dropped[0]
+
+
+def test_a_short_eval_source_is_refused_not_written_short(fixture_files, tmp_path, capsys):
+    assert run_cli(fixture_files, tmp_path / "out", *SIZES[:-2], "--ood-size", "400") == 2
+    line = _error_line(capsys)
+    assert "--ood-size 400" in line and "only 8 usable" in line and "at most 8" in line
+    assert not (tmp_path / "out" / dp.OUT_PROBE_OOD).exists()
+
+
+def test_a_folder_without_eval_files_names_what_it_wants(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(dp.PrepError, match="problems with answers") as err:
+        dp.build_eval_set("ood", str(tmp_path / "empty"), "x.jsonl", "ood_probe", None, 42)
+    assert "NuminaMath" not in str(err.value)
+
+
+def test_training_jsonl_of_another_schema_names_the_missing_columns(fixture_files, tmp_path, capsys):
+    src = _eval_file(tmp_path / "wrong.jsonl", [json.dumps({"question": "q", "answer": "1"}).encode()] * 3)
+    argv = ["--source", str(src), "--ood-source", "none", "--aime-source", "none", "--out-dir", str(tmp_path / "o")]
+    assert prepare_sft_data.main(argv) == 2
+    line = _error_line(capsys)
+    assert str(src) in line and "problem" in line and "only 0 problems" not in line
+
+
+def test_an_unreadable_source_is_one_line(fixture_files, tmp_path, monkeypatch, capsys):
+    def denied(path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(dp, "file_sha256", denied)
+    assert run_cli(fixture_files, tmp_path / "out", *SIZES) == 2
+    line = _error_line(capsys)
+    assert "cannot read it" in line and "Permission denied" in line
+
+
+def test_eval_sets_can_be_pinned(fixture_files, monkeypatch, tmp_path):
+    import datasets
+
+    seen = {}
+
+    def fake_load_dataset(name, split=None, revision=None, **kwargs):
+        seen[name] = revision
+        rows = [json.loads(line) for line in fixture_files["ood"].read_text().splitlines()]
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    es = dp.build_eval_set("ood", "HuggingFaceH4/MATH-500", "x.jsonl", "ood_probe", 8, 42, revision="abc123")
+    assert seen == {"HuggingFaceH4/MATH-500": "abc123"} and es.info.hub["revision"] == "abc123"
+    with pytest.raises(dp.PrepError, match="revision pins a hub dataset"):
+        dp.build_eval_set("ood", str(fixture_files["ood"]), "x.jsonl", "ood_probe", 8, 42, revision="abc123")
+    args = prepare_sft_data.build_parser().parse_args(["--ood-revision", "r1", "--aime-revision", "r2"])
+    assert (args.ood_revision, args.aime_revision) == ("r1", "r2")
+
+
+def test_a_known_wrong_aime_answer_is_told(tmp_path, capsys):
+    src = _eval_file(tmp_path / "aime.jsonl", [json.dumps({"problem": AIME_I_12, "answer": "384"}).encode()])
+    dp.build_eval_set("aime", str(src), "x.jsonl", "aime", None, 42)
+    err = capsys.readouterr().err
+    assert "AIME 2024 I problem 12" in err and "385" in err and str(src) in err
+    _eval_file(src, [json.dumps({"problem": AIME_I_12, "answer": "385"}).encode()])
+    dp.build_eval_set("aime", str(src), "x.jsonl", "aime", None, 42)
+    assert "known error" not in capsys.readouterr().err
