@@ -391,3 +391,22 @@ def test_fit_evaluates_before_writing_the_step_record(patched_root, vllm_stub, m
     assert eval_sleep <= record["eval/seconds"] <= fit_wall - 2 * generation_sleep
     assert generation_sleep <= record["generation_seconds"] <= fit_wall - generation_sleep - eval_sleep
     assert metrics_schema.unknown_keys(record) == []
+
+
+def test_canary_pristine_eval_and_trainer_hooks():
+    """The 0.9.3 lines eval_grouping.patch and metrics_trainer.patch change. If this fails, upstream
+    changed them: remake the patches; retire eval_grouping when generation honours the eval count,
+    metrics_trainer when OpenRLHF writes a per-step metrics file itself."""
+    ppo_utils = oprl.SITE / "openrlhf" / "trainer" / "ppo_utils"
+    maker = (ppo_utils / "experience_maker.py").read_text()
+    assert maker.count("                num_samples=self.args.n_samples_per_prompt,\n") == 1  # the eval bug
+    trainer = (oprl.SITE / "openrlhf" / "trainer" / "ppo_trainer.py").read_text()
+    for line in (
+        '        rewards = torch.tensor(rewards_list).reshape(-1, n_samples_per_prompt)\n',  # groups by the eval count
+        '        ray.get(self.actor_model_group.async_run_method(method_name="broadcast_to_vllm"))\n',
+        "        experiences = self.experience_maker.make_experience_batch(rollout_samples)\n",
+        "                self.save_logs_and_checkpoints(global_step, status, client_states)\n\n"
+        "                # TODO: Add evaluation mechanism for PPO\n",  # eval runs after the step's logs
+        "@ray.remote\nclass PPOTrainer(BasePPOTrainer):\n",
+    ):
+        assert line in trainer, line
