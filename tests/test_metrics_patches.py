@@ -126,6 +126,19 @@ def test_prompt_hashes_reach_the_policy_actors_through_the_experience_maker(patc
     assert _experience_maker(patched_root).prompt_token_hashes is rollout_stats.prompt_token_hashes
 
 
+def test_canary_pristine_batch_metrics_hook():
+    """The 0.9.3 lines metrics_experience.patch hooks after (the whole batch, in rollout order). If this
+    fails, upstream changed compute_advantages_and_returns: remake the patch, or retire it if
+    OpenRLHF now reports exact batch reward and group statistics."""
+    source = (oprl.SITE / "openrlhf" / "trainer" / "ppo_utils" / "experience_maker.py").read_text()
+    assert "        rewards = rewards.reshape(-1, args.n_samples_per_prompt)
+" in source
+    assert '                experience.info["group_reward_std"] = group_reward_std
+
+        # reward shaping
+' in source
+
+
 # ----------------------------------------------------------------------- actor (patch 8)
 # ppo_train and training_step of the patched ActorPPOTrainer; the statistics themselves, their
 # cross-rank combination and a two-rank gloo run: tests/test_hook_actor_stats.py.
