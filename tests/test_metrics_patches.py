@@ -131,12 +131,8 @@ def test_canary_pristine_batch_metrics_hook():
     fails, upstream changed compute_advantages_and_returns: remake the patch, or retire it if
     OpenRLHF now reports exact batch reward and group statistics."""
     source = (oprl.SITE / "openrlhf" / "trainer" / "ppo_utils" / "experience_maker.py").read_text()
-    assert "        rewards = rewards.reshape(-1, args.n_samples_per_prompt)
-" in source
-    assert '                experience.info["group_reward_std"] = group_reward_std
-
-        # reward shaping
-' in source
+    assert "        rewards = rewards.reshape(-1, args.n_samples_per_prompt)\n" in source
+    assert '                experience.info["group_reward_std"] = group_reward_std\n\n        # reward shaping\n' in source
 
 
 # ----------------------------------------------------------------------- actor (patch 8)
