@@ -45,6 +45,13 @@ DEFAULT_SPIKE_GRAD_NORM = 50.0
 DEFAULT_SAMPLES_LOG_COUNT = 16
 ENV_FAST_GPTOSS = "RFT_FAST_GPTOSS"
 """Set in the actor's process (not 0): the Actor installs rft.fast_gptoss's faster gpt-oss layers."""
+ENV_LORA_PRISTINE = "RFT_LORA_PRISTINE"
+"""Read by every vLLM worker at its first LoRA sync: where it keeps the base shards, ``cpu``
+(pinned host memory, the default) or ``gpu``."""
+ENV_LORA_SCRATCH_MB = "RFT_LORA_SCRATCH_MB"
+"""Read by every vLLM worker at each LoRA sync: MiB of device memory its merge may use at once."""
+LORA_SYNC_ENV_VARS = (ENV_LORA_PRISTINE, ENV_LORA_SCRATCH_MB)
+"""What the launcher hands to the vLLM engines' processes for the LoRA sync."""
 
 # ------------------------------------------------------------------------ reward log keys
 SHARE_KEYS = ("correctness", "has_answer", "has_boxed", "boxed_in_final", "truncated_response")

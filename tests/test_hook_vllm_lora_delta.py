@@ -32,6 +32,7 @@ import pytest
 import torch
 
 import tp_emulation as emu
+from rft import contract
 from rft.openrlhf import vllm_lora_delta as vld
 
 TINY = {"layers": 2, "hidden": 64, "heads": 8, "kv_heads": 2, "head_dim": 8}
@@ -283,21 +284,21 @@ def test_small_update_vanishes_on_the_bf16_grid_and_evidence_shows_it():
 
 
 def test_pristine_copy_on_device_gives_the_same_result(monkeypatch):
-    monkeypatch.setenv(vld.ENV_PRISTINE, "gpu")  # "keep it on the worker's device" (the CPU here)
+    monkeypatch.setenv(contract.ENV_LORA_PRISTINE, "gpu")  # "keep it on the worker's device" (the CPU here)
     checkpoint = emu.random_attention_checkpoint(TINY, seed=21)
     models, llm = make_engine(TINY, 2, checkpoint)
     initial = [emu.state_copy(m) for m in models]
     adapter = random_adapter(TINY, [(0, "q_proj"), (0, "o_proj")], seed=22)
     sync(llm, adapter)
     check_ranks(models, TINY, 2, checkpoint, adapter, initial)
-    monkeypatch.setenv(vld.ENV_PRISTINE, "disk")
+    monkeypatch.setenv(contract.ENV_LORA_PRISTINE, "disk")
     _, fresh = make_engine(TINY, 1, checkpoint)
     with pytest.raises(ValueError, match="RFT_LORA_PRISTINE='disk'"):
         sync(fresh, adapter)
 
 
 def test_scratch_budget_chunks_give_the_same_result(monkeypatch):
-    monkeypatch.setenv(vld.ENV_SCRATCH_MB, "0")  # one parameter per load_weights call
+    monkeypatch.setenv(contract.ENV_LORA_SCRATCH_MB, "0")  # one parameter per load_weights call
     checkpoint = emu.random_attention_checkpoint(TINY, seed=31)
     models, llm = make_engine(TINY, 2, checkpoint)
     initial = [emu.state_copy(m) for m in models]
@@ -305,6 +306,10 @@ def test_scratch_budget_chunks_give_the_same_result(monkeypatch):
     sync(llm, adapter)
     check_ranks(models, TINY, 2, checkpoint, adapter, initial)
     assert all(m.load_calls == 3 for m in models)  # qkv 0, o 0, qkv 1
+    monkeypatch.setenv(contract.ENV_LORA_SCRATCH_MB, "half a GiB")  # refused before any write
+    with pytest.raises(ValueError, match="RFT_LORA_SCRATCH_MB='half a GiB': give a whole number of MiB"):
+        sync(llm, random_adapter(TINY, [(1, "o_proj")], seed=33))  # would also drop three targets
+    check_ranks(models, TINY, 2, checkpoint, adapter, initial)
 
 
 class Broadcaster:
@@ -406,3 +411,15 @@ def test_update_weight_from_ref_loads_one_full_weight_and_rebases():
     check_ranks(models, TINY, 2, rebased, adapter, [emu.state_copy(emu.build_rank(TINY, r, 2, rebased)) for r in range(2)])
     with pytest.raises(ValueError, match="unsupported dtype int8"):
         llm.workers[0].update_weight_from_ray_ref(name, "int8", [1], b"\x00")
+
+
+# ----------------------------------------------------------------------------- settings contract
+def test_the_launcher_hands_the_workers_their_settings():
+    """The workers read ``RFT_LORA_PRISTINE`` and ``RFT_LORA_SCRATCH_MB`` in the engines' processes,
+    which get only what the launcher puts in the Ray job's runtime_env (grpo_common.sh)."""
+    from pathlib import Path
+
+    script = (Path(__file__).resolve().parents[1] / "grpo_common.sh").read_text().replace("\\\n", " ")
+    (call,) = [line for line in script.splitlines() if "rft_tool runtime-env" in line]
+    optional = call.split("--optional", 1)[1].split(")", 1)[0].split()
+    assert set(contract.LORA_SYNC_ENV_VARS) <= set(optional), optional

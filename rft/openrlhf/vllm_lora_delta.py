@@ -45,12 +45,14 @@ from rft.openrlhf.lora_sync import (  # noqa: F401
     unpack_tensors,
 )
 
-ENV_PRISTINE = "RFT_LORA_PRISTINE"
-"""Where a worker keeps the base shards: ``cpu`` (pinned host memory, the default: vLLM sized its
-KV cache to the GPU memory left at start) or ``gpu`` (saves one host-to-device copy per sync)."""
-ENV_SCRATCH_MB = "RFT_LORA_SCRATCH_MB"
-"""Device memory (MiB) for fp32 scratch and deltas at once; more means fewer ``load_weights`` calls."""
+from rft.contract import ENV_LORA_PRISTINE, ENV_LORA_SCRATCH_MB
+
+PRISTINE_PLACES = ("cpu", "gpu")
+"""Values of ``RFT_LORA_PRISTINE``: ``cpu`` (pinned host memory, the default: vLLM sized its KV
+cache to the GPU memory left at start) or ``gpu`` (saves one host-to-device copy per sync)."""
 DEFAULT_SCRATCH_MB = 512
+"""``RFT_LORA_SCRATCH_MB`` unset: device memory for fp32 scratch and deltas at once; more means
+fewer ``load_weights`` calls."""
 
 Evidence = dict[str, float]
 
@@ -180,9 +182,9 @@ def sync_state(worker: Any) -> LoraSyncState:
     """The worker's :class:`LoraSyncState`, created at its first sync (reads ``RFT_LORA_PRISTINE``)."""
     state = getattr(worker, "_lora_sync", None)
     if state is None:
-        where = os.environ.get(ENV_PRISTINE, "cpu")
-        if where not in ("cpu", "gpu"):
-            raise ValueError(f"{ENV_PRISTINE}={where!r}: use 'cpu' (pinned host copy, default) or 'gpu'")
+        where = os.environ.get(ENV_LORA_PRISTINE, "cpu")
+        if where not in PRISTINE_PLACES:
+            raise ValueError(f"{ENV_LORA_PRISTINE}={where!r}: use 'cpu' (pinned host copy, default) or 'gpu'")
         state = worker._lora_sync = LoraSyncState(where)
     return state
 
@@ -253,6 +255,14 @@ def plan_chunks(costs: dict[str, int], budget: int) -> list[list[str]]:
     return chunks + ([chunk] if chunk else [])
 
 
+def scratch_budget() -> int:
+    """Bytes of device memory the merge may use at once, from ``RFT_LORA_SCRATCH_MB``."""
+    raw = os.environ.get(ENV_LORA_SCRATCH_MB, str(DEFAULT_SCRATCH_MB))
+    if not raw.strip().isdigit():
+        raise ValueError(f"{ENV_LORA_SCRATCH_MB}={raw!r}: give a whole number of MiB, e.g. {DEFAULT_SCRATCH_MB}")
+    return int(raw) << 20
+
+
 def apply_merged_lora(
     state: LoraSyncState,
     model: Any,
@@ -266,6 +276,7 @@ def apply_merged_lora(
     and ``"<name>:B"`` (out x r) for each. Parameters adapted by an earlier sync but absent now
     go back to their base weight. Scratch and deltas stay under ``RFT_LORA_SCRATCH_MB`` at once.
     """
+    budget = scratch_budget()  # read before anything is written: a bad setting changes nothing
     params = dict(model.named_parameters())
 
     def resolve(hf_name: str) -> str:
@@ -281,7 +292,6 @@ def apply_merged_lora(
         pname: params[pname].numel() * 4 + sum(b.shape[0] * a.shape[1] * 4 for _, _, a, b in items)
         for pname, items in groups.items()
     }
-    budget = int(os.environ.get(ENV_SCRATCH_MB, str(DEFAULT_SCRATCH_MB))) << 20
     acc = torch.zeros(4, dtype=torch.float64, device=device)  # delta_sq, target_sq, changed, numel
     for chunk in plan_chunks(costs, budget):
         _merge_chunk(state, model, params, {pname: groups[pname] for pname in chunk}, device, acc)
