@@ -247,7 +247,7 @@ EXAMPLES = {
 """A valid value of each setting (the 20b launcher's default), shown in the fix of a refusal."""
 
 
-def _example(name: str, rule: Rule) -> str:
+def _example(name: str) -> str:
     return f"{name}={EXAMPLES[name]}"
 
 
@@ -290,16 +290,16 @@ def check_setting(name: str, text: str) -> str | None:
     rule = SETTINGS[name]
     if rule.choices:
         if text not in rule.choices:
-            return f"{name}={text}: must be {' or '.join(rule.choices)}; for example {_example(name, rule)}"
+            return f"{name}={text}: must be {' or '.join(rule.choices)}; for example {_example(name)}"
         return None
     try:
         value = read_number(text, rule)
     except ValueError:
         what = "a whole number" if rule.kind is int else "a number"
         hint = " without a unit (the unit is in the name)" if _UNIT.fullmatch(text) else ""
-        return f"{name}={text}: not {what}; write it{hint} as in {_example(name, rule)}"
+        return f"{name}={text}: not {what}; write it{hint} as in {_example(name)}"
     if rule.flag is None and out_of_bounds(value, rule):
-        return f"{name}={text}: must be {_bounds(rule)}; for example {_example(name, rule)}"
+        return f"{name}={text}: must be {_bounds(rule)}; for example {_example(name)}"
     return None
 
 
@@ -419,6 +419,8 @@ def launcher_typo(user_args: list[str]) -> str | None:
     Otherwise it would go to OpenRLHF, and a mistyped dry run would be a real launch.
     """
     for arg in user_args:
+        if not arg.startswith("-"):  # a value (--use_wandb dryrun), not an option
+            continue
         squashed = re.sub(r"[-_]", "", arg.split("=", 1)[0]).lower()
         for option in ("--dry-run", "--help"):
             if arg != option and squashed == re.sub(r"[-_]", "", option):
@@ -458,7 +460,7 @@ def check_bounds(ns: argparse.Namespace) -> str | None:
             continue
         if out_of_bounds(value, rule):
             return (f"--{rule.flag} {value:g} (setting {name}): must be {_bounds(rule)}; "
-                    f"for example {_example(name, rule)} or --{rule.flag} {EXAMPLES[name]}")
+                    f"for example {_example(name)} or --{rule.flag} {EXAMPLES[name]}")
     return None
 
 

@@ -96,6 +96,7 @@ def test_check_data_reads_every_row_and_names_the_line(tmp_path):
     (["--eps_clip", "0.2", "--Dry_Run"], "argument --Dry_Run: not a launcher option; write --dry-run"),
     (["--help_me"], None),
     (["--eps_clip", "0.2"], None),
+    (["--use_wandb", "dryrun"], None),  # a value, not an option
     (["-help"], "argument -help: not a launcher option; write --help"),
 ])
 def test_launcher_typo(args, line):

@@ -314,6 +314,17 @@ def test_manifest_records_the_values_openrlhf_parses(bed, patched_root):
     assert "LORA_ALPHA" not in bed.manifest("gpt-oss-20b-grpo")["settings"]  # no second truth
 
 
+def test_the_refusals_examples_are_the_20b_launchers_defaults(bed):
+    """A refusal's "for example LR=5e-7" is the value the 20b launcher would use unset."""
+    from rft.launch_tools import EXAMPLES, SETTINGS
+
+    dry_run(bed, "20b")
+    args = bed.manifest("gpt-oss-20b-grpo")["openrlhf_args"]
+    for name, rule in SETTINGS.items():
+        if rule.flag:
+            assert args[rule.flag] == rule.kind(EXAMPLES[name]), name
+
+
 def test_manifest_names_the_run_log_paths_by_their_contract_names(bed):
     from rft.contract import ENV_METRICS_DIR, ENV_SAMPLES_DIR, ENV_SPIKE_PATH
 
