@@ -49,6 +49,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -317,7 +318,7 @@ def distribution_problem(site: Path, manifest: dict[str, str]) -> str:
 
 
 @contextlib.contextmanager
-def locked(site: Path):
+def locked(site: Path) -> Iterator[None]:
     """Hold an exclusive lock on the package directory (no lock file is left behind)."""
     fd = os.open(site / PACKAGE, os.O_RDONLY)
     try:
@@ -526,7 +527,7 @@ HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
-def interruptible():
+def interruptible() -> Iterator[None]:
     """Turn the first SIGINT, SIGTERM or SIGHUP into :class:`Interrupted`; ignore any after it.
 
     SIGTERM and SIGHUP would otherwise end the process on the spot and leave the scratch folder
@@ -552,7 +553,7 @@ def interruptible():
 
 
 @contextlib.contextmanager
-def signals_held():
+def signals_held() -> Iterator[None]:
     """Hold back Ctrl-C, SIGTERM and SIGHUP for the block and deliver them, once each, at its end.
 
     Python runs signal handlers in the main thread only, so there a recording handler replaces
