@@ -158,6 +158,7 @@ def step_record(
 
 
 def _fmt(record: Mapping[str, Any], key: str, spec: str) -> str:
+    """``record[key]`` formatted, or ``n/a`` when the step did not log it."""
     value = record.get(key)
     return "n/a" if value is None else format(value, spec)
 
@@ -501,6 +502,7 @@ class TrainerRunLog:
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "TrainerRunLog":
+        """The hooks over the writer the launcher's environment asks for (what ``BasePPOTrainer`` builds)."""
         return cls(RunLogWriter.from_env(environ))
 
     def lap(self, phase: Optional[str] = None) -> float:
