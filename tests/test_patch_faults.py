@@ -284,30 +284,76 @@ def test_killed_while_planning_leaves_nothing_a_later_run_keeps(tmp_path, own_tm
         assert_recovers(site, patches, own_tmpdir, PRISTINE, FINAL, f"{signame} after patch run {kill_at}")
 
 
-def test_real_series_killed_between_any_two_files(tmp_path, own_tmpdir):
-    """The real series, SIGKILL after each rename of an apply: --status reads it, apply and --revert finish."""
+@pytest.mark.parametrize("operation", ["apply", "revert"])
+def test_real_series_killed_between_any_two_files(tmp_path, own_tmpdir, operation):
+    """The real series, SIGKILL after each rename: --status reads the state, apply and --revert finish."""
     from test_apply_patches import make_site, manifest
 
-    series = oprl.PATCHES / "series"
     rels = list(manifest())
     base = make_site(tmp_path / "base")
     pristine = contents(base, rels)
-    final = contents(patched_by_hand(tmp_path / "by_hand", series), rels)
+    final = contents(patched_by_hand(tmp_path / "by_hand", oprl.PATCHES / "series"), rels)
     patches = tmp_path / "patches"
     shutil.copytree(oprl.PATCHES, patches)
-    points = count_points(base, patches, own_tmpdir, "write")
-    assert points >= 4 * len(rels)
+    args = ("--revert",) if operation == "revert" else ()
+    if operation == "revert":
+        for rel in rels:
+            (base / rel).write_text(final[rel])
+    points = count_points(base, patches, own_tmpdir, "write", *args)
+    assert points == 4 * len(rels)  # every file changes: temp file, fsync, chmod, rename
     partial_seen = 0
-    for kill_at in range(4, points + 1, 4):  # each file: temp file, fsync, chmod, rename
+    for kill_at in range(4, points, 4):  # after each rename but the last
         site = tmp_path / f"kill-{kill_at}"
         shutil.copytree(base, site)
-        proc = kill_run(site, patches, own_tmpdir, "write", kill_at, signal.SIGKILL)
+        proc = kill_run(site, patches, own_tmpdir, "write", kill_at, signal.SIGKILL, *args)
         assert proc.returncode == -signal.SIGKILL, proc.stderr
         code, out = main_in_process(site, patches, "--status")
         partial_seen += "\npartial " in f"\n{out}"
         assert_recovers(site, patches, own_tmpdir, pristine, final, f"SIGKILL after write {kill_at} of {points}")
         shutil.rmtree(site)
     assert partial_seen >= 1  # a patch over several files was cut in two at least once
+
+
+def waiting_for_flock(path: Path) -> bool:
+    """True once some process waits for a flock on ``path`` (a '->' line of /proc/locks names its inode)."""
+    inode = f":{path.stat().st_ino} "
+    return any("->" in line and inode in line for line in Path("/proc/locks").read_text().splitlines())
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_signal_while_waiting_for_the_lock_stops_in_one_line(tmp_path, signame):
+    """apply_patches.sh blocked on another run's lock: Ctrl-C (or TERM, HUP) gives one line, 128+N, no scratch left."""
+    import fcntl
+    import time
+
+    from test_apply_patches import make_site
+
+    site = make_site(tmp_path / "site")
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    before = snapshot(site)
+    fd = os.open(site / "openrlhf", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another run holds the install
+    try:
+        proc = subprocess.Popen(
+            ["bash", str(oprl.REPO / "apply_patches.sh"), "--target", str(site)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={"PATH": os.environ["PATH"], "PYTHON": sys.executable, "TMPDIR": str(tmpdir)},
+        )
+        deadline = time.monotonic() + 120
+        while not waiting_for_flock(site / "openrlhf") and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(SIGNALS[signame])
+        _, err = proc.communicate(timeout=120)
+    finally:
+        os.close(fd)
+    assert proc.returncode == 128 + SIGNALS[signame], err
+    assert err.splitlines() == [
+        f"apply_patches.sh: interrupted by {signame}; every file is whole, and the install holds the series as "
+        "before or complete: run the command again to finish, --status to see"
+    ]
+    assert snapshot(site) == before
+    assert list(tmpdir.iterdir()) == []
 
 
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM", "SIGHUP"])
