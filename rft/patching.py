@@ -950,7 +950,8 @@ making a patch:
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="say what would apply, is applied or conflicts; change nothing")
-    mode.add_argument("--status", action="store_true", help="one line per patch: applied / not applied / conflicts")
+    mode.add_argument("--status", action="store_true", help="one line per patch (applied / not applied / partial / "
+                      "conflicts), then whether import rft in PYTHON finds this checkout")
     mode.add_argument("--revert", action="store_true", help="reverse the applied patches (last first) back to pristine")
     mode.add_argument("--export", metavar="DIR", type=Path, help="write pristine openrlhf plus the series into DIR")
     mode.add_argument("--make", metavar="NAME.patch", help="write patches/NAME.patch from the edited tree of --from")
