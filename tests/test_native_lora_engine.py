@@ -1,0 +1,275 @@
+"""Native LoRA (rft.openrlhf.native_lora) in the real vLLM 0.15.1 engine, CPU build, TP 1 and TP 2.
+
+The model is a tiny Llama built here from a config (random weights, 2 layers, hidden 256, 4
+query and 2 KV heads of 64; the character tokenizer of ``rft.tiny``), because vLLM's CPU build
+cannot serve gpt-oss with LoRA: with ``enable_lora`` it wraps gpt-oss's MoE layer too, and that
+wrapper's CPU path calls a Triton kernel the build lacks. A stand-in for that wrapper was not
+written: the LoRA layers of attention, which are all rft adapts, are the same classes
+(``MergedQKVParallelLinearWithLoRA``, ``RowParallelLinearWithLoRA``) for Llama and gpt-oss.
+
+The engine runs in a subprocess (``tests/native_lora_engine.py``). What this file checks against
+references it computes itself with plain transformers and PEFT in fp32:
+
+* after each sync the engine's prompt log-probs equal PEFT's, with the adapter unmerged, within
+  the bf16 tolerance :data:`LOGPROB_TOL`, for B entries from 1e-5 to 1e-2;
+* the engine carries the whole update: the change of its log-probs from the base is PEFT's
+  change (slope :data:`NATIVE_SLOPE_RANGE`), at every size;
+* the merged sync's equivalent, ``bf16(W0 + scale * B @ A)`` computed here, loses most of a small
+  update, as issue 15's table predicts (a test that shows the gap);
+* every TP rank's adapter slots hold exactly its slice of the adapter (vLLM slices, rft does not);
+* generations change with the adapter, and a zero adapter or the adapter's removal gives back
+  the base model's very log-probs; each sync has a new name and id and the old one is gone;
+* an adapter holding NaN is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS = Path(__file__).resolve().parent
+RANK, ALPHA = 8, 16
+SCALE = ALPHA / RANK
+SIZES = (1e-5, 1e-4, 1e-3, 1e-2)
+"""Standard deviations of the B entries: about t * LR after t Adam steps at the 20b's LR (issue 15)."""
+PROJ_SHAPES = {"q": (256, 256), "k": (128, 256), "v": (128, 256), "o": (256, 256)}
+LAYERS = 2
+LOGPROB_TOL = 0.02
+"""Largest |log-prob| difference allowed between the bf16 engine and fp32 PEFT, per token."""
+NATIVE_SLOPE_RANGE = (0.8, 1.2)
+"""The engine's change of log-probs from the base, regressed on PEFT's: the share of the update served."""
+
+
+# ----------------------------------------------------------------------------- the model and adapters
+def build_tiny_llama(dest: Path) -> dict:
+    """A tiny Llama (bf16 safetensors) and the character tokenizer, from a config; no hub."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rft.tiny import build_tokenizer
+
+    dest.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(dest)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+        tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(0.0, 0.02)
+    model.to(torch.bfloat16).save_pretrained(str(dest))
+    return config.to_dict()
+
+
+def random_adapter(size: float, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{checkpoint name: (A, B)}`` on q/k/v/o: A as PEFT initializes it, B entries of std ``size``."""
+    gen = torch.Generator().manual_seed(seed)
+    adapter = {}
+    for layer in range(LAYERS):
+        for proj, (out_dim, in_dim) in PROJ_SHAPES.items():
+            a = (torch.rand(RANK, in_dim, generator=gen) * 2 - 1) / in_dim**0.5
+            b = torch.randn(out_dim, RANK, generator=gen) * size
+            adapter[f"model.layers.{layer}.self_attn.{proj}_proj.weight"] = (a, b)
+    return adapter
+
+
+def prompt_logprobs(model, prompts: list[list[int]]) -> list[list[float]]:
+    """Log-prob of every prompt token after the first, teacher-forced, in fp32."""
+    rows = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+            rows.append(logp.gather(-1, ids[0, 1:, None])[:, 0].tolist())
+    return rows
+
+
+def peft_logprobs(model_dir: Path, adapter, prompts) -> list[list[float]]:
+    """The trainer's view: the bf16 checkpoint in fp32 with the adapter unmerged through PEFT."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    with torch.no_grad():
+        for name, (a, b) in adapter.items():
+            layer = peft_model.base_model.model.get_submodule(name.removesuffix(".weight"))
+            layer.lora_A["default"].weight.copy_(a)
+            layer.lora_B["default"].weight.copy_(b)
+    return prompt_logprobs(peft_model.eval(), prompts)
+
+
+def merged_logprobs(model_dir: Path, adapter, prompts) -> list[list[float]]:
+    """The merged sync's view: weights ``bf16(W0 + scale * B @ A)``, evaluated in fp32."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, (a, b) in adapter.items():
+            weight = model.get_parameter(name)
+            weight.copy_((weight.float() + SCALE * (b @ a)).to(torch.bfloat16))
+    return prompt_logprobs(model.float().eval(), prompts)
+
+
+def flat(rows: list[list[float]]) -> torch.Tensor:
+    return torch.tensor([x for row in rows for x in row], dtype=torch.float64)
+
+
+def slope(change: torch.Tensor, reference: torch.Tensor) -> float:
+    """Least-squares slope of ``change`` on ``reference`` through 0: the share of the update seen."""
+    return float((change @ reference) / (reference @ reference))
+
+
+def expected_slots(adapter, tp: int, rank: int, layer: int = 0) -> dict[str, dict[str, list[torch.Tensor]]]:
+    """Rank ``rank``'s slice of layer ``layer``'s adapter as vLLM should hold it, sliced here by hand:
+    q/k/v B rows by head (A whole), o_proj A columns (B whole), B with the scale in it, in bf16."""
+    prefix = f"model.layers.{layer}.self_attn"
+    served = {p: (adapter[f"{prefix}.{p}_proj.weight"][0].to(torch.bfloat16),
+                  (adapter[f"{prefix}.{p}_proj.weight"][1] * SCALE).to(torch.bfloat16)) for p in "qkvo"}
+    qkv_b = []
+    for p in "qkv":
+        rows = served[p][1].shape[0] // tp
+        qkv_b.append(served[p][1][rank * rows : (rank + 1) * rows])
+    cols = served["o"][0].shape[1] // tp
+    return {
+        "qkv_proj": {"a": [served[p][0] for p in "qkv"], "b": qkv_b},
+        "o_proj": {"a": [served["o"][0][:, rank * cols : (rank + 1) * cols]], "b": [served["o"][1]]},
+    }
+
+
+# ----------------------------------------------------------------------------- running the engine
+@pytest.fixture(scope="module")
+def stand(tmp_path_factory):
+    """The tiny model, the adapters in sync order and the fp32 references, built once."""
+    pytest.importorskip("vllm")
+    pytest.importorskip("peft")
+    from native_lora_engine import PROMPTS
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("native_lora")
+    model_dir = root / "model"
+    build_tiny_llama(model_dir)
+    adapters = {f"b{size:g}": {"scale": SCALE, "adapter": random_adapter(size, seed)} for seed, size in enumerate(SIZES)}
+    last = adapters[f"b{SIZES[-1]:g}"]["adapter"]
+    adapters["zero"] = {"scale": SCALE, "adapter": {n: (a, torch.zeros_like(b)) for n, (a, b) in last.items()}}
+    torch.save(adapters, root / "adapters.pt")
+    base = LlamaForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32).eval()
+    refs = {"base": prompt_logprobs(base, PROMPTS)}
+    for label, entry in adapters.items():
+        refs[label] = {"peft": peft_logprobs(model_dir, entry["adapter"], PROMPTS),
+                       "merged": merged_logprobs(model_dir, entry["adapter"], PROMPTS)}
+    return {"root": root, "model": model_dir, "adapters": adapters, "refs": refs}
+
+
+def run_engine(stand: dict, tp: int) -> dict:
+    out = stand["root"] / f"report_tp{tp}.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent / "rft" / "cpu_site"), str(TESTS.parent)]),
+        "RFT_CPU_STAND_INS": "1",
+        # vLLM's CPU build at TP 2 on one NUMA node, a small KV cache, no inductor compile at start
+        "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1",
+        "TORCHDYNAMO_DISABLE": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "native_lora_engine.py"), str(stand["model"]), str(stand["root"] / "adapters.pt"),
+         str(tp), str(out)], env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+def engine_logprobs(step: dict) -> torch.Tensor:
+    return flat([row["prompt_logprobs"] for row in step["rows"]])
+
+
+# ----------------------------------------------------------------------------- the tests
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2])
+def test_engine_serves_the_trainers_policy_for_every_update_size(stand, tp):
+    report = run_engine(stand, tp)
+    steps = {s["label"]: s for s in report["steps"]}
+    refs = stand["refs"]
+    base_engine = engine_logprobs(steps["base"])
+    assert (base_engine - flat(refs["base"])).abs().max() < LOGPROB_TOL
+    for size in SIZES:
+        label = f"b{size:g}"
+        got, want = engine_logprobs(steps[label]), flat(refs[label]["peft"])
+        assert (got - want).abs().max() < LOGPROB_TOL, (label, float((got - want).abs().max()))
+        share = slope(got - base_engine, want - flat(refs["base"]))
+        assert NATIVE_SLOPE_RANGE[0] < share < NATIVE_SLOPE_RANGE[1], (label, share)
+        evidence = steps[label]["evidence"]
+        assert evidence["workers"] == tp and evidence["modules"] == 2 * LAYERS and evidence["tensors"] == 8 * LAYERS
+        assert evidence["delta_norm"] == pytest.approx(evidence["target_norm"], rel=1e-2)
+
+
+@pytest.mark.slow
+def test_merged_sync_loses_a_small_update_that_native_keeps(stand):
+    """Documents the gap of issue 15: bf16(W0 + delta) serves a small update only in part."""
+    refs = stand["refs"]
+    base = flat(refs["base"])
+    shares = {}
+    for size in SIZES:
+        label = f"b{size:g}"
+        shares[size] = slope(flat(refs[label]["merged"]) - base, flat(refs[label]["peft"]) - base)
+    assert shares[1e-5] < 0.5, shares  # most of the first steps' update never reaches the engine
+    assert shares[1e-2] > 0.9, shares  # a large update survives the rounding
+    assert shares[1e-5] < shares[1e-4] < shares[1e-2], shares
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2])
+def test_every_rank_holds_its_slice_of_the_adapter(stand, tp):
+    report = run_engine(stand, tp)
+    for step in report["steps"]:
+        if not step["label"].startswith("b"):
+            continue
+        adapter = stand["adapters"][step["label"]]["adapter"]
+        assert sorted(reply["rank"] for reply in step["slots"]) == list(range(tp))
+        for reply in step["slots"]:
+            want = expected_slots(adapter, tp, reply["rank"])
+            for proj, kinds in want.items():
+                for kind, tensors in kinds.items():
+                    for got, exp in zip(reply[proj][kind], tensors, strict=True):
+                        got = torch.tensor(got)
+                        rows, cols = exp.shape
+                        assert torch.equal(got[:rows, :cols], exp.float()), (step["label"], proj, kind)
+                        assert not got[rows:].any() and not got[:, cols:].any()  # rank padding stays zero
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2])
+def test_generations_follow_the_adapter_and_come_back_to_the_base(stand, tp):
+    report = run_engine(stand, tp)
+    steps = {s["label"]: s for s in report["steps"]}
+    base_rows = steps["base"]["rows"]
+    assert [r["tokens"] for r in steps[f"b{SIZES[-1]:g}"]["rows"]] != [r["tokens"] for r in base_rows]
+    assert steps["zero"]["rows"] == base_rows  # tokens and log-probs, exactly
+    assert steps["removed"]["rows"] == base_rows and report["removed"] == [True] * tp
+    adapter_steps = [s for s in report["steps"] if s["evidence"] is not None]
+    names = [s["lora_name"] for s in adapter_steps]
+    assert len(set(names)) == len(names)  # the prefix cache keys on the name: a new one per sync
+    for version, step in enumerate(adapter_steps, start=1):
+        assert step["evidence"]["lora_id"] == version
+        assert step["held"] == [[version]] * tp  # the previous adapter was removed from every worker
+    assert steps["removed"]["held"] == [[]] * tp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2])
+def test_an_adapter_holding_nan_is_refused(stand, tp):
+    report = run_engine(stand, tp)
+    assert report["nan"]["refused"] and "NaN or inf" in report["nan"]["error"]
+    assert report["nan"]["version_after"] == len(stand["adapters"])  # the engine's version did not move
