@@ -17,10 +17,13 @@ Modes (never mixed; every number is reported with its mode and dataset):
   sampling_pass@N      temperature 0.6, N samples (pass@k for k <= N, maj@N)
   nondet_proxy_pass@N  temperature 0, N samples: batching nondeterminism, diagnostics only
 
-Prompts are built as training builds them (OpenRLHF --apply_chat_template: the
-tokenizer's chat template on [{"role": "user", "content": input}] with the
-generation prompt, tokenized without extra special tokens) and responses are
-scored with reward_func_em.py, so training and evaluation count the same answers.
+Prompts are built as training builds them: the prompt specification of
+rft/prompt_spec.py (the tokenizer's chat template, the reasoning effort, the pinned
+date line) on [{"role": "user", "content": input}] with the generation prompt,
+tokenized without extra special tokens. --manifest RUN/run_manifest.json takes the
+run's effort, date, template and token budget; a setting given here that differs
+from the run's is said and labelled. Responses are scored with reward_func_em.py,
+so training and evaluation count the same answers.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from typing import Any, Callable, Sequence
 from tqdm import tqdm
 
 from rft import eval_stats
+from rft.contract import RUN_MANIFEST
+from rft.prompt_spec import DEFAULT_DATE, DEFAULT_EFFORT, EFFORTS, PromptSpec, PromptSpecError, check_date, render
 from rft.eval_backends import Backend, GenRequest, GenResult
 from rft.eval_io import (
     EvalInputError,
@@ -57,6 +62,7 @@ from rft.eval_io import (
 )
 
 DEFAULT_SAMPLING_TEMPERATURE = 0.6
+DEFAULT_MAX_TOKENS = 3072
 MERGE_RECORD = "rft_merge.json"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 INTEGER_RE = re.compile(r"-?\d+")
@@ -109,22 +115,83 @@ def parse_mode(text: str, sampling_temperature: float = DEFAULT_SAMPLING_TEMPERA
 # --------------------------------------------------------------------------- prompts
 
 
-def build_prompt(tokenizer: Any, model_input: Any, reasoning_effort: str | None = None) -> str:
-    """The prompt string exactly as OpenRLHF 0.9.3 builds it with ``--apply_chat_template``.
+def build_prompt(tokenizer: Any, model_input: Any, spec: PromptSpec) -> str:
+    """The prompt string exactly as the patched OpenRLHF builds it with ``--apply_chat_template``.
 
-    A string input becomes one user message; a list is taken as the chat itself.
-    ``reasoning_effort`` (gpt-oss Harmony: low, medium, high) is passed to the
-    template only when given; without it the template's own default applies, as
-    in training.
+    A string input becomes one user message; a list is taken as the chat itself. The render is
+    :func:`rft.prompt_spec.render`, the one the training prompt dataset calls.
     """
     if getattr(tokenizer, "chat_template", None) is None:
         raise EvalInputError(
             f"{getattr(tokenizer, 'name_or_path', 'tokenizer')}: no chat template; training applies one "
             "(--apply_chat_template), so evaluate with a tokenizer that has it (--tokenizer)"
         )
-    chat = [{"role": "user", "content": model_input}] if isinstance(model_input, str) else model_input
-    kwargs = {"reasoning_effort": reasoning_effort} if reasoning_effort else {}
-    return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True, **kwargs)
+    try:
+        return render(tokenizer, model_input, spec)
+    except PromptSpecError as e:
+        raise EvalInputError(f"{getattr(tokenizer, 'name_or_path', 'tokenizer')}: {e}") from None
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """The prompt and budget settings of this eval, and how they compare with the run's."""
+
+    reasoning_effort: str
+    prompt_date: str
+    max_tokens: int
+    template_sha256: str | None  # the run's template, when the manifest names it
+    differs_from_run: tuple[str, ...] = ()  # settings given here that the run did not use
+
+    def spec(self, tokenizer: Any) -> PromptSpec:
+        """The spec for ``tokenizer``; the run's template when known (another template is refused)."""
+        if self.template_sha256:
+            return PromptSpec(self.template_sha256, self.reasoning_effort, self.prompt_date)
+        try:
+            return PromptSpec.for_tokenizer(tokenizer, self.reasoning_effort, self.prompt_date)
+        except PromptSpecError as e:
+            raise EvalInputError(f"{getattr(tokenizer, 'name_or_path', 'tokenizer')}: {e}") from None
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+    """A run's ``run_manifest.json`` (a file, or the folder holding it)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / RUN_MANIFEST
+    try:
+        manifest = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise EvalInputError(f"--manifest {p}: cannot read it as JSON ({_first_line(e)}); give the run's {RUN_MANIFEST}") from None
+    if not isinstance(manifest, dict):
+        raise EvalInputError(f"--manifest {p}: not a run manifest (a JSON object); give the run's {RUN_MANIFEST}")
+    return manifest
+
+
+def prompt_settings(args: argparse.Namespace, manifest: dict[str, Any] | None) -> PromptSettings:
+    """Effort, date and budget: given here, else the run's (manifest), else the defaults.
+
+    A setting given here that differs from the run's is kept (the user asked for it) and
+    listed in ``differs_from_run`` so that every output labels it.
+    """
+    run_args = (manifest or {}).get("openrlhf_args") or {}
+    run_spec = (manifest or {}).get("prompt_spec") or {}
+    run = {
+        "reasoning_effort": run_args.get("reasoning_effort", run_spec.get("reasoning_effort")),
+        "prompt_date": run_args.get("prompt_date", run_spec.get("date")),
+        "max_tokens": run_args.get("generate_max_len"),
+    }
+    given = {"reasoning_effort": args.reasoning_effort, "prompt_date": args.prompt_date, "max_tokens": args.max_tokens}
+    defaults = {"reasoning_effort": DEFAULT_EFFORT, "prompt_date": DEFAULT_DATE, "max_tokens": DEFAULT_MAX_TOKENS}
+    chosen = {k: given[k] if given[k] is not None else run[k] if run[k] is not None else defaults[k] for k in given}
+    differs = tuple(k for k in given if manifest is not None and given[k] is not None and run[k] is not None
+                    and given[k] != run[k])
+    try:
+        check_date(chosen["prompt_date"])
+    except PromptSpecError as e:
+        raise EvalInputError(str(e).replace("PROMPT_DATE", "--prompt-date")) from None
+    if chosen["reasoning_effort"] not in EFFORTS:
+        raise EvalInputError(f"the run's reasoning effort {chosen['reasoning_effort']!r} is not one of {', '.join(EFFORTS)}")
+    return PromptSettings(chosen["reasoning_effort"], chosen["prompt_date"], int(chosen["max_tokens"]),
+                          run_spec.get("template_sha256"), differs)
 
 
 def prompt_token_ids(tokenizer: Any, prompt: str, prompt_max_len: int | None = None) -> tuple[list[int], bool]:
@@ -440,7 +507,7 @@ def run_task(
     *,
     max_tokens: int,
     seed: int,
-    reasoning_effort: str | None,
+    spec: PromptSpec,
     prompt_max_len: int | None,
     chunk_size: int,
 ) -> int:
@@ -455,7 +522,7 @@ def run_task(
     prompts: dict[int, tuple[list[int], str]] = {}
     cut = 0
     for p in task.problems:
-        text = build_prompt(tokenizer, p.input, reasoning_effort)
+        text = build_prompt(tokenizer, p.input, spec)
         ids, was_cut = prompt_token_ids(tokenizer, text, prompt_max_len)
         cut += was_cut
         prompts[p.index] = (ids, hashlib.sha256(text.encode()).hexdigest()[:16])
@@ -481,7 +548,7 @@ def run_task(
             if len(results) != len(requests):
                 raise RuntimeError(f"backend returned {len(results)} results for {len(requests)} requests")
             records = [
-                make_record(task, i, j, req, res, tokenizer, scorer, labels[i], prompts[i][1])
+                make_record(task, i, j, req, res, tokenizer, scorer, labels[i], prompts[i][1], spec.digest())
                 for (i, j), req, res in zip(keys, requests, results)
             ]
             task.store.append(records)
@@ -493,7 +560,8 @@ def run_task(
 
 
 def make_record(
-    task: Task, problem: int, sample: int, req: GenRequest, res: GenResult, tokenizer: Any, scorer: Any, label: str, prompt_hash: str
+    task: Task, problem: int, sample: int, req: GenRequest, res: GenResult, tokenizer: Any, scorer: Any, label: str,
+    prompt_hash: str, spec_digest: str,
 ) -> dict[str, Any]:
     """One JSONL line: where the sample belongs, what was generated and how it scored."""
     # Special tokens kept, as the training reward sees the rollout (Harmony channels included).
@@ -507,6 +575,7 @@ def make_record(
         "label": label,
         "seed": req.seed if req.temperature > 0 else None,
         "prompt_sha256": prompt_hash,
+        "prompt_spec": spec_digest,
         "prompt_tokens": len(req.prompt_ids),
         "response": response,
         "response_tokens": len(res.token_ids),
@@ -536,13 +605,21 @@ def task_metrics(
         changed += fresh["correct"] != rec.get("correct")
         by_problem.setdefault(i, []).append({**rec, **fresh})
     complete = {i: recs for i, recs in by_problem.items() if len(recs) == n}
+    digests = sorted({rec.get("prompt_spec") or "unrecorded" for rec in task.done.values()})
     base = {
         "model": task.model,
         "dataset": task.dataset,
+        "dataset_sha256": task.settings["dataset_sha256"],
         "mode": task.mode.name,
         "temperature": task.mode.temperature,
         "top_p": task.mode.top_p,
         "n_samples": n,
+        "k": list(range(1, n + 1)),
+        "reasoning_effort": task.settings["reasoning_effort"],
+        "prompt_date": task.settings["prompt_date"],
+        "max_tokens": task.settings["max_tokens"],
+        "prompt_spec": digests[0] if len(digests) == 1 else digests,
+        "differs_from_run": task.settings["differs_from_run"],
         "n_problems": len(complete),
         "n_dataset_problems": len(task.problems),
         "n_incomplete": len(task.problems) - len(complete),
@@ -550,7 +627,7 @@ def task_metrics(
         "samples_file": str(task.store.path),
     }
     if not complete:
-        return {**base, "pass@1": None}, {}
+        return {**base, "pass@1": None, f"avg@{n}": None, "truncation_rate": None}, {}
     counts = [(n, sum(r["correct"] for r in recs)) for recs in complete.values()]
     per_problem = {i: c / n for i, (_, c) in zip(complete, counts)}
     scores = list(per_problem.values())
@@ -560,6 +637,8 @@ def task_metrics(
         **base,
         "pass@1": eval_stats.mean_pass_at_k(counts, 1),
         "pass@1_ci95": [lo, hi],
+        f"avg@{n}": sum(scores) / len(scores),
+        f"avg@{n}_ci95": [lo, hi],
         "pass@k": {str(k): eval_stats.mean_pass_at_k(counts, k) for k in range(1, n + 1)},
         f"maj@{n}": (
             sum(eval_stats.majority_vote_score([r["pred_norm"] for r in recs], [r["correct"] for r in recs]) for recs in complete.values())
@@ -618,30 +697,49 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _label(r: dict[str, Any]) -> str:
+    """How a row's numbers were made: effort, token budget, prompt spec, and what differs from the run."""
+    spec = r["prompt_spec"] if isinstance(r["prompt_spec"], str) else "mixed:" + "+".join(r["prompt_spec"])
+    differs = f" (not the run's: {', '.join(r['differs_from_run'])})" if r.get("differs_from_run") else ""
+    return f"{r['reasoning_effort']} | {r['max_tokens']} | {spec}{differs}"
+
+
 def markdown_report(results: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> str:
-    """Two markdown tables: per-model metrics and paired comparisons against the baseline."""
+    """Two markdown tables: per-model metrics and paired comparisons against the baseline.
+
+    Every row says how its numbers were made: dataset and its sha256, mode, temperature,
+    top-p, n, reasoning effort, max tokens and the prompt spec's digest, with the truncation rate.
+    """
     lines = [
-        "| model | dataset | mode | T | n | problems | pass@1 [95% CI] | pass@n | maj@n | boxed | truncated | mean tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | dataset (sha256) | mode | T | top-p | n | effort | max tokens | prompt spec | problems "
+        "| avg@n [95% CI] | pass@n | maj@n | boxed | truncated | mean tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         n = r["n_samples"]
-        probs = f"{r['n_problems']}/{r['n_dataset_problems']}"
+        made = (f"| {r['model']} | {r['dataset']} ({r['dataset_sha256'][:12]}) | {r['mode']} | {r['temperature']:g} | "
+                f"{r['top_p']:g} | {n} | {_label(r)} | {r['n_problems']}/{r['n_dataset_problems']} |")
         if r["pass@1"] is None:
-            lines.append(f"| {r['model']} | {r['dataset']} | {r['mode']} | {r['temperature']:g} | {n} | {probs} | - | - | - | - | - | - |")
+            lines.append(made + " - | - | - | - | - | - |")
             continue
         lo, hi = r["pass@1_ci95"]
         passn = _pct(r["pass@k"][str(n)]) if n > 1 else "-"
         maj = _pct(r[f"maj@{n}"]) if n > 1 else "-"
         lines.append(
-            f"| {r['model']} | {r['dataset']} | {r['mode']} | {r['temperature']:g} | {n} | {probs} | "
-            f"{_pct(r['pass@1'])} [{100 * lo:.1f}, {100 * hi:.1f}] | {passn} | {maj} | {_pct(r['has_boxed_rate'])} | "
-            f"{_pct(r['truncation_rate'])} | {r['mean_response_tokens']:.0f} |"
+            f"{made} {_pct(r[f'avg@{n}'])} [{100 * lo:.1f}, {100 * hi:.1f}] | {passn} | {maj} | "
+            f"{_pct(r['has_boxed_rate'])} | {_pct(r['truncation_rate'])} | {r['mean_response_tokens']:.0f} |"
         )
+    lines += [
+        "",
+        "avg@n: mean over problems of the share of the n samples that are correct (the pass@1 estimate from n "
+        "samples), 95% interval by percentile bootstrap over problems; pass@n: unbiased 1 - C(n-c,n)/C(n,n); "
+        "maj@n: plurality vote; truncated: share of samples that hit max tokens. Compare rows only when "
+        "effort, max tokens and prompt spec agree.",
+    ]
     if comparisons:
         lines += [
             "",
-            "| model vs baseline | dataset | mode | paired problems | Δpass@1 [95% CI] | gained | lost | McNemar p (exact) | mid-p |",
+            "| model vs baseline | dataset | mode | paired problems | Δavg@n [95% CI] | gained | lost | McNemar p (exact) | mid-p |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for c in comparisons:
@@ -712,9 +810,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--modes", default="greedy_pass@1", help="comma-separated modes (default: %(default)s); see above")
     g.add_argument("--sampling-temperature", type=float, default=DEFAULT_SAMPLING_TEMPERATURE, help="temperature of sampling_pass@N (default: %(default)s)")
     g.add_argument("--top-p", type=float, default=1.0, help="top-p of sampling_pass@N (default: %(default)s)")
-    g.add_argument("--max-tokens", type=int, default=3072, help="new tokens per sample, as --generate_max_len (default: %(default)s)")
+    g.add_argument("--max-tokens", type=int, default=None, help=f"new tokens per sample, as --generate_max_len (default: the run's with --manifest, else {DEFAULT_MAX_TOKENS})")
     g.add_argument("--prompt-max-len", type=int, default=None, help="keep only the last N prompt tokens, as --prompt_max_len (default: no limit)")
-    g.add_argument("--reasoning-effort", choices=["low", "medium", "high"], help="gpt-oss Harmony reasoning effort passed to the chat template (default: the template's)")
+    g.add_argument("--manifest", metavar="RUN_MANIFEST", help=f"the run's {RUN_MANIFEST} (or its folder): prompt spec and token budget as in training")
+    g.add_argument("--reasoning-effort", choices=EFFORTS, help=f"gpt-oss reasoning effort in the prompt (default: the run's with --manifest, else {DEFAULT_EFFORT})")
+    g.add_argument("--prompt-date", help=f"the prompt's 'Current date' line, YYYY-MM-DD (default: the run's with --manifest, else {DEFAULT_DATE})")
     g.add_argument("--seed", type=int, default=0, help="base of the per-sample seeds (default: %(default)s)")
     g = p.add_argument_group("generation")
     g.add_argument("--backend", default="vllm", choices=["vllm", "hf"], help="vllm for GPUs, hf (transformers) for CPU and small checks (default: %(default)s)")
@@ -789,7 +889,11 @@ def make_backend(args: argparse.Namespace, model_path: str, tokenizer_path: str,
 def run(argv: Sequence[str] | None = None, backend_factory: Callable[..., Backend] | None = None) -> dict[str, Any]:
     """Run the evaluation; returns the summary that was written. ``backend_factory`` is for tests."""
     args = build_parser().parse_args(argv)
-    if args.max_tokens < 1 or args.batch_size < 1 or (args.chunk_size is not None and args.chunk_size < 1):
+    prompts = prompt_settings(args, read_manifest(args.manifest) if args.manifest else None)
+    for name in prompts.differs_from_run:
+        print(f"eval_posthoc.py: note: {name} is {getattr(prompts, name)!r} here, not the run's; "
+              "the results are labelled with this eval's value", file=sys.stderr)
+    if prompts.max_tokens < 1 or args.batch_size < 1 or (args.chunk_size is not None and args.chunk_size < 1):
         raise EvalInputError("--max-tokens, --batch-size and --chunk-size must be at least 1")
     specs = parse_models(args)
     modes = [parse_mode(m, args.sampling_temperature, args.top_p) for m in args.modes.split(",") if m.strip()]
@@ -837,9 +941,11 @@ def run(argv: Sequence[str] | None = None, backend_factory: Callable[..., Backen
                     "temperature": mode.temperature,
                     "top_p": mode.top_p,
                     "n": mode.n,
-                    "max_tokens": args.max_tokens,
+                    "max_tokens": prompts.max_tokens,
                     "prompt_max_len": args.prompt_max_len,
-                    "reasoning_effort": args.reasoning_effort,
+                    "reasoning_effort": prompts.reasoning_effort,
+                    "prompt_date": prompts.prompt_date,
+                    "differs_from_run": list(prompts.differs_from_run),
                     "tokenizer": args.tokenizer,
                     "seed": args.seed,
                     "backend": args.backend,
@@ -886,7 +992,7 @@ def run(argv: Sequence[str] | None = None, backend_factory: Callable[..., Backen
             for task in tasks:
                 run_task(
                     task, backend, tokenizer, scorer,
-                    max_tokens=args.max_tokens, seed=args.seed, reasoning_effort=args.reasoning_effort,
+                    max_tokens=prompts.max_tokens, seed=args.seed, spec=prompts.spec(tokenizer),
                     prompt_max_len=args.prompt_max_len, chunk_size=chunk,
                 )
         finally:
@@ -916,8 +1022,13 @@ def run(argv: Sequence[str] | None = None, backend_factory: Callable[..., Backen
         "baseline": args.baseline,
         "models": model_info,
         "datasets": {k: {"sha256": h, "n_problems": len(p)} for k, (p, h) in datasets.items()},
+        "prompt": {"reasoning_effort": prompts.reasoning_effort, "prompt_date": prompts.prompt_date,
+                   "max_tokens": prompts.max_tokens, "run_template_sha256": prompts.template_sha256,
+                   "manifest": args.manifest, "differs_from_run": list(prompts.differs_from_run)},
         "metric_definitions": {
             "pass@1": "mean over problems of (correct samples / n)",
+            "avg@n": "the same mean under the field's name: accuracy averaged over the n samples of each problem",
+            "prompt_spec": "digest of rft/prompt_spec.py's specification: template sha256, reasoning effort, date",
             "pass@k": "unbiased estimator 1 - C(n-c,k)/C(n,k), mean over problems",
             "maj@n": "plurality vote over normalized extracted answers; ties share credit equally; no answer earns 0",
             "pass@1_ci95": "percentile bootstrap over problems",

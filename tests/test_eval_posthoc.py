@@ -20,10 +20,11 @@ with a stand-in ``LLM`` that runs the same tiny model through transformers).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import itertools
-import re
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,7 @@ peft = pytest.importorskip("peft")
 
 import eval_posthoc  # noqa: E402
 from rft.eval_io import EvalInputError, SampleStore  # noqa: E402
+from rft.prompt_spec import PromptSpec  # noqa: E402
 
 
 @pytest.fixture
@@ -151,20 +153,27 @@ def result(summary: dict, model: str, mode: str) -> dict:
 
 
 def test_prompt_is_the_one_openrlhf_builds(tiny):
+    """As the patched PromptDataset builds it: 0.9.3's preprocess_data with the prompt-spec hook."""
     from openrlhf.datasets.prompts_dataset import preprocess_data
+
+    from rft.openrlhf.prompt import chat_template_fn
+    from rft.prompt_spec import DEFAULT_DATE, PromptSpec
 
     tok = transformers.AutoTokenizer.from_pretrained(tiny["base"])
     row = {"input": "what is 1 plus 2 ?", "label": "3"}
-    theirs, label = preprocess_data(row, input_key="input", label_key="label", apply_chat_template=tok.apply_chat_template)
-    assert eval_posthoc.build_prompt(tok, row["input"]) == theirs
+    run_args = argparse.Namespace(reasoning_effort="medium", prompt_date=DEFAULT_DATE)
+    theirs, label = preprocess_data(row, input_key="input", label_key="label",
+                                    apply_chat_template=chat_template_fn(tok, run_args))
+    spec = PromptSpec.for_tokenizer(tok)
+    assert eval_posthoc.build_prompt(tok, row["input"], spec) == theirs
     assert label == "3"
     # Token ids as OpenRLHF's agent tokenizes the prompt (no extra special tokens).
     ids, cut = eval_posthoc.prompt_token_ids(tok, theirs)
     assert ids == tok(theirs, add_special_tokens=False)["input_ids"] and not cut
     assert ids[-1] == TOK["<|assistant|>"]
     # Reasoning effort reaches the template only when asked for; prompt cut keeps the tail.
-    assert "effort high" in eval_posthoc.build_prompt(tok, row["input"], "high")
-    assert "effort" not in theirs
+    assert "effort high" in eval_posthoc.build_prompt(tok, row["input"], PromptSpec.for_tokenizer(tok, "high"))
+    assert "effort medium" in theirs
     tail, cut = eval_posthoc.prompt_token_ids(tok, theirs, prompt_max_len=3)
     assert cut and tail == ids[-3:]
 
@@ -214,7 +223,9 @@ def test_adapter_to_summary_end_to_end(tiny, tmp_path, em):
         by_problem = {}
         for x in recs:
             assert x["label"] == LABELS[x["problem"]]
-            prompt = eval_posthoc.build_prompt(tok, json.loads(tiny["data"].read_text().splitlines()[x["problem"]])["input"])
+            prompt = eval_posthoc.build_prompt(tok, json.loads(tiny["data"].read_text().splitlines()[x["problem"]])["input"],
+                                               PromptSpec.for_tokenizer(tok))
+            assert x["prompt_spec"] == PromptSpec.for_tokenizer(tok).digest()
             assert x["prompt_sha256"] == hashlib.sha256(prompt.encode()).hexdigest()[:16]
             s = em.score_response(x["response"], x["label"])
             assert x["correct"] == (s["correctness"] == 1.0)
@@ -253,7 +264,15 @@ def test_adapter_to_summary_end_to_end(tiny, tmp_path, em):
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["results"] == json.loads(json.dumps(summary["results"]))
     table = (out / "summary.md").read_text()
-    assert "| a | probs | greedy_pass@1 | 0 | 1 | 5/5 | 60.0% [" in table
+    data_sha = hashlib.sha256(tiny["data"].read_bytes()).hexdigest()
+    digest = PromptSpec.for_tokenizer(tok).digest()
+    row = f"| a | probs ({data_sha[:12]}) | greedy_pass@1 | 0 | 1 | 1 | medium | "
+    assert row in table and f" | {digest} | 5/5 | 60.0% [" in table.split(row, 1)[1].splitlines()[0]
+    for r in summary["results"]:  # every number says how it was made
+        n = r["n_samples"]
+        assert (r["dataset_sha256"], r["reasoning_effort"], r["prompt_spec"]) == (data_sha, "medium", digest)
+        assert r["k"] == list(range(1, n + 1)) and r[f"avg@{n}"] == pytest.approx(r["pass@1"])
+        assert r["truncation_rate"] is not None and r["differs_from_run"] == []
     assert "| a vs base | probs | greedy_pass@1 | 5 | +40.0 pts" in table
     assert (out / "summary.png").stat().st_size > 1000
 
@@ -517,7 +536,8 @@ def test_cli_adapter_to_summary_in_a_subprocess(tiny, tmp_path):
     (r,) = summary["results"]
     assert (r["model"], r["dataset"], r["mode"]) == ("a", "probs", "greedy_pass@1")
     assert r["pass@1"] == pytest.approx(3 / 5) and r["n_problems"] == 5
-    assert "| a | probs | greedy_pass@1 | 0 | 1 | 5/5 | 60.0% [" in proc.stdout
+    assert re.search(r"\| a \| probs \([0-9a-f]{12}\) \| greedy_pass@1 \| 0 \| 1 \| 1 \| medium \| 6 \| [0-9a-f]{16} "
+                     r"\| 5/5 \| 60\.0% \[", proc.stdout), proc.stdout[-2000:]
     assert (merged / "a" / "rft_merge.json").is_file()
 
 
