@@ -85,3 +85,20 @@ def test_bad_settings_are_refused_by_the_parser(patched_root, argv, capsys):
 def test_canary_pristine_dataset_uses_the_tokenizers_template(pristine_root):
     src = (pristine_root / "openrlhf/datasets/prompts_dataset.py").read_text()
     assert src.count("apply_chat_template = self.tokenizer.apply_chat_template") == 1
+
+
+def test_training_and_eval_prompts_are_byte_identical_on_any_two_dates(patched_root, tok, monkeypatch):
+    """A rollout's prompt (patched PromptDataset, one day) and eval_posthoc.py's (another day, default
+    settings, the run's manifest values) are the same bytes."""
+    import argparse
+
+    import eval_posthoc
+
+    trained = _prompts(patched_root, tok, [], monkeypatch, dt.datetime(2026, 12, 6, 12, 0))
+    _Clock.today = dt.datetime(2027, 3, 14, 9, 30)  # a week or months later, on the spare node
+    args = argparse.Namespace(reasoning_effort=None, prompt_date=None, max_tokens=None)
+    manifest = {"openrlhf_args": vars(parser_util.parse_train_args(patched_root, BASE_ARGV))}
+    for settings in (eval_posthoc.prompt_settings(args, None), eval_posthoc.prompt_settings(args, manifest)):
+        spec = settings.spec(tok)
+        assert [eval_posthoc.build_prompt(tok, p["input"], spec) for p in PROBLEMS] == trained
+        assert settings.differs_from_run == ()
