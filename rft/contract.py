@@ -45,6 +45,8 @@ DEFAULT_SPIKE_GRAD_NORM = 50.0
 DEFAULT_SAMPLES_LOG_COUNT = 16
 ENV_FAST_GPTOSS = "RFT_FAST_GPTOSS"
 """Set in the actor's process (not 0): the Actor installs rft.fast_gptoss's faster gpt-oss layers."""
+ENV_FAST_GPTOSS_RESIDENT_GIB = "RFT_FAST_GPTOSS_RESIDENT_GIB"
+"""GiB of frozen weights the fast path may keep whole on each GPU (default: half the GPU)."""
 ENV_LORA_PRISTINE = "RFT_LORA_PRISTINE"
 """Read by every vLLM worker at its first LoRA sync: where it keeps the base shards, ``cpu``
 (pinned host memory, the default) or ``gpu``."""

@@ -51,11 +51,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rft.contract import ENV_FAST_GPTOSS, ENV_FAST_GPTOSS_RESIDENT_GIB
+
 FAST_ATTN_IMPLEMENTATION = "rft_flex_sinks"
 """Name under which :func:`sink_flex_attention_forward` is registered with transformers'
 ``AttentionInterface`` (and its block-mask builder with ``AttentionMaskInterface``)."""
 
-SETTING = "RFT_FAST_GPTOSS"
+SETTING = ENV_FAST_GPTOSS
 """Environment variable read by :func:`install_from_env`: unset, empty or ``0`` leaves the model
 as loaded; ``1`` installs every part of :data:`PARTS`; a comma-separated subset (``attention``,
 ``experts,attention``) installs those."""
@@ -64,7 +66,7 @@ PARTS = ("attention", "experts", "leaves", "resident")
 """What :func:`install` can change: the attention kernel, the experts, and under ZeRO-3 the
 granularity of DeepSpeed's parameter hooks and the residency of frozen weights."""
 
-RESIDENT_SETTING = "RFT_FAST_GPTOSS_RESIDENT_GIB"
+RESIDENT_SETTING = ENV_FAST_GPTOSS_RESIDENT_GIB
 """GiB of frozen decoder-layer weights a trained model may keep whole on each GPU (``resident``);
 unset or ``auto``: :data:`RESIDENT_FRACTION` of the GPU's memory; ``0`` keeps none."""
 
