@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -316,7 +317,6 @@ def check_settings(settings: dict[str, str]) -> str | None:
 # ------------------------------------------------------ the final command, as OpenRLHF reads it
 TRAIN_MODULE = "openrlhf.cli.train_ppo_ray"
 TRAIN_FILE = Path("cli", "train_ppo_ray.py")
-LAUNCHER_OPTIONS = ("--dry-run", "--help", "-h")
 # Flags whose value is a path: made absolute, because the Ray job runs in another directory.
 PATH_FLAGS = ("--prompt_data", "--eval_dataset", "--save_path", "--ckpt_path", "--remote_rm_url")
 
@@ -349,7 +349,9 @@ class _Parsed(Exception):
         self.namespace = namespace
 
 
-def parse_train_argv(argv: list[str], path: Path, check=None) -> tuple[argparse.Namespace, list[str]]:
+def parse_train_argv(
+    argv: list[str], path: Path, check: Callable[[argparse.Namespace], str | None] | None = None,
+) -> tuple[argparse.Namespace, list[str]]:
     """The namespace ``train(args)`` would get from ``argv``, and the warnings the file printed.
 
     Runs the main block of ``path`` (OpenRLHF's own parser and its own argument validation)
@@ -496,10 +498,10 @@ def missing_root(paths: dict[str, str], roots: dict[str, str], isdir=os.path.isd
 
 
 SHELL_VALUES = (
-    "pretrain", "prompt_data", "eval_dataset", "max_samples", "n_samples_per_prompt", "train_batch_size",
+    "prompt_data", "eval_dataset", "max_samples", "n_samples_per_prompt", "train_batch_size",
     "rollout_batch_size", "num_episodes", "max_epochs", "lr_warmup_ratio", "actor_learning_rate",
     "init_kl_coef", "save_path", "ckpt_path", "actor_num_nodes", "actor_num_gpus_per_node",
-    "vllm_num_engines", "vllm_tensor_parallel_size", "lora_rank",
+    "vllm_num_engines", "vllm_tensor_parallel_size",
 )
 """The parsed values the launcher's later checks (data, pre-flight, disk, memory, GPUs) read."""
 
