@@ -456,7 +456,10 @@ def test_patches_carry_a_dep3_header_and_a_b_paths():
         text = (oprl.PATCHES / name).read_text()
         header = text.split("\n--- a/", 1)[0]
         assert header.startswith("Description: "), name
-        assert "\nForwarded: not-needed\n" in header and "\nLast-Update: " in header, name
+        forwarded = [line.split(":", 1)[1].strip() for line in header.splitlines() if line.startswith("Forwarded:")]
+        # DEP-3: not-needed (rft's own concern), no (upstream should take it, not sent yet), or a URL
+        assert len(forwarded) == 1 and (forwarded[0] in ("not-needed", "no") or "://" in forwarded[0]), name
+        assert "\nLast-Update: " in header, name
         for line in text.splitlines():
             if line.startswith("+++ "):
                 assert line.startswith("+++ b/openrlhf/"), (name, line)
