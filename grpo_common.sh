@@ -279,8 +279,10 @@ rft_resolve() {
     --path "METRICS_LOG_DIR=$METRICS_LOG_DIR" --path "SAMPLES_LOG_DIR=$SAMPLES_LOG_DIR" \
     --path "SPIKE_LOG_PATH=$SPIKE_LOG_PATH" --path "LOG_FILE=$LOG_FILE" \
     --root "DATA_ROOT=$DATA_ROOT" --root "SCRATCH_ROOT=$SCRATCH_ROOT" -- "${TRAIN_CMD[@]}")" || rc=$?
-  if ((rc != 0)); then
-    rft_die "$rc" "${out:-could not check the command (the traceback above); is rft installed in $PYTHON_BIN?}"
+  if ((rc == RFT_EXIT_REFUSED || rc == RFT_EXIT_NOT_READY)); then
+    rft_die "$rc" "$out"
+  elif ((rc != 0)); then
+    rft_die "$RFT_EXIT_NOT_READY" "could not check the command (the traceback above); run: $PYTHON_BIN -m rft.launch_tools --help"
   fi
   eval "$out"
 }
