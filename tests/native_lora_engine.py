@@ -9,7 +9,8 @@ plus a read-back of the adapter slots vLLM filled on each rank. For every adapte
 ``ADAPTERS.pt`` (``{label: {"scale": s, "adapter": {checkpoint name: (A, B)}}}``, in order) it
 loads it through the module's engine half, then records the prompt log-probs of fixed prompts
 and a greedy continuation under the request the module names. Then it removes the adapter and
-records the base again, and last it sends an adapter holding NaN (a worker that raised leaves
+records the base again (at TP 1, first an adapter on a module vLLM does not wrap must be refused
+with the current adapter kept), and last it sends an adapter holding NaN (a worker that raised leaves
 stale replies queued on the multiprocessing executor, so nothing runs after it).
 """
 
@@ -18,17 +19,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import sys
 from pathlib import Path
 
 import torch
 
-PROMPTS = [
-    [5, 17, 23, 42, 8, 61, 33, 12, 70, 44, 9, 28, 51, 19, 66, 3],
-    [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51],
-    [88, 7, 7, 7, 90, 12, 34, 56, 78, 11, 22, 33, 44, 55],
-]
-"""Token ids of the fixed prompts (the tiny vocabulary has about 100 tokens)."""
+PROMPT_COUNT, PROMPT_TOKENS = 4, 96
+PROMPTS = [random.Random(seed).choices(range(3, 100), k=PROMPT_TOKENS) for seed in range(PROMPT_COUNT)]
+"""Token ids of the fixed prompts (the tiny vocabulary has 104 tokens): 380 teacher-forced log-probs."""
 GREEDY_TOKENS = 8
 
 
@@ -104,6 +103,15 @@ async def drive(model_dir: Path, adapters: dict, tp: int) -> dict:
             spec, blob = served.lora_payload(entry["adapter"], entry["scale"])
             evidence = await state.update(engine, spec, blob)
             await record(label, state.request, evidence)
+        if tp == 1:  # a refusal leaves stale replies queued on the multiprocessing executor (TP > 1)
+            stray = {"model.layers.0.self_attn.rotary_emb.weight": (torch.ones(4, 256), torch.ones(256, 4))}
+            spec, blob = served.lora_payload(stray, 2.0)
+            try:
+                await state.update(engine, spec, blob)
+                report["unserved"] = {"refused": False}
+            except Exception as exc:  # noqa: BLE001 - the refusal is what is recorded
+                report["unserved"] = {"refused": True, "error": str(exc)[-2000:], "version_after": state.version,
+                                      "held": await engine.collective_rpc("rft_held_loras")}
         removed = await engine.collective_rpc("remove_lora_native", args=(state.version,))
         report["removed"] = removed
         await record("removed", None)

@@ -10,16 +10,23 @@ written: the LoRA layers of attention, which are all rft adapts, are the same cl
 The engine runs in a subprocess (``tests/native_lora_engine.py``). What this file checks against
 references it computes itself with plain transformers and PEFT in fp32:
 
-* after each sync the engine's prompt log-probs equal PEFT's, with the adapter unmerged, within
-  the bf16 tolerance :data:`LOGPROB_TOL`, for B entries from 1e-5 to 1e-2;
-* the engine carries the whole update: the change of its log-probs from the base is PEFT's
-  change (slope :data:`NATIVE_SLOPE_RANGE`), at every size;
-* the merged sync's equivalent, ``bf16(W0 + scale * B @ A)`` computed here, loses most of a small
-  update, as issue 15's table predicts (a test that shows the gap);
+* after each sync the engine's prompt log-probs (380 teacher-forced tokens) equal PEFT's, with the
+  adapter unmerged, within :data:`LOGPROB_TOL`, for B entries from 1e-5 to 1e-2; the engine's
+  error does not grow with the update (it stays at the base model's bf16 floor);
+* where a bf16 forward can resolve the change at all (B of 1e-3 and up), the engine's change of
+  log-probs from the base is PEFT's (slope :data:`NATIVE_SLOPE_RANGE`). For B of 1e-5 and 1e-4
+  the change (about 6e-5 and 6e-4 nats rms) is below the resolution of any bf16 forward: vLLM's
+  LoRA adds its output in place to the bf16 output of the base layer (``bgmv_expand_slice``,
+  ``vllm/lora/ops/torch_ops/lora_ops.py:126``), and PEFT in bf16 does the same, so there the
+  adapter's presence is checked in the slots themselves (bit for bit) rather than in log-probs;
+* the merged sync's equivalent, ``bf16(W0 + scale * B @ A)`` computed here and evaluated in fp32,
+  keeps only a few percent of a 1e-5 update and about half of a 1e-4 one, as issue 15's table
+  predicts (a test that shows the gap, not one that hides it);
 * every TP rank's adapter slots hold exactly its slice of the adapter (vLLM slices, rft does not);
 * generations change with the adapter, and a zero adapter or the adapter's removal gives back
-  the base model's very log-probs; each sync has a new name and id and the old one is gone;
-* an adapter holding NaN is refused.
+  the base model's very tokens and log-probs; each sync has a new name and id and the old one
+  is gone from every worker;
+* an adapter holding NaN is refused, and (TP 1) one naming a module vLLM does not wrap.
 """
 
 from __future__ import annotations
@@ -40,10 +47,14 @@ SIZES = (1e-5, 1e-4, 1e-3, 1e-2)
 """Standard deviations of the B entries: about t * LR after t Adam steps at the 20b's LR (issue 15)."""
 PROJ_SHAPES = {"q": (256, 256), "k": (128, 256), "v": (128, 256), "o": (256, 256)}
 LAYERS = 2
-LOGPROB_TOL = 0.02
-"""Largest |log-prob| difference allowed between the bf16 engine and fp32 PEFT, per token."""
-NATIVE_SLOPE_RANGE = (0.8, 1.2)
-"""The engine's change of log-probs from the base, regressed on PEFT's: the share of the update served."""
+LOGPROB_TOL = 0.01
+"""Largest |log-prob| difference allowed between the bf16 engine and fp32 PEFT, per token
+(measured: at most 6.4e-3 at TP 1, the same as for the base model without an adapter)."""
+RESOLVED_SIZES = (1e-3, 1e-2)
+"""B sizes whose change of log-probs a bf16 forward resolves on this model (rms 6e-3 nats and up)."""
+NATIVE_SLOPE_RANGE = (0.95, 1.05)
+"""The engine's change of log-probs from the base, regressed on PEFT's: the share of the update
+served (measured 1.011 and 1.002 at TP 1)."""
 
 
 # ----------------------------------------------------------------------------- the model and adapters
@@ -203,15 +214,20 @@ def test_engine_serves_the_trainers_policy_for_every_update_size(stand, tp):
     steps = {s["label"]: s for s in report["steps"]}
     refs = stand["refs"]
     base_engine = engine_logprobs(steps["base"])
-    assert (base_engine - flat(refs["base"])).abs().max() < LOGPROB_TOL
+    floor = (base_engine - flat(refs["base"])).abs()
+    assert floor.max() < LOGPROB_TOL
     for size in SIZES:
         label = f"b{size:g}"
         got, want = engine_logprobs(steps[label]), flat(refs[label]["peft"])
-        assert (got - want).abs().max() < LOGPROB_TOL, (label, float((got - want).abs().max()))
-        share = slope(got - base_engine, want - flat(refs["base"]))
-        assert NATIVE_SLOPE_RANGE[0] < share < NATIVE_SLOPE_RANGE[1], (label, share)
+        error = (got - want).abs()
+        assert error.max() < LOGPROB_TOL, (label, float(error.max()))
+        assert error.mean() < 1.5 * floor.mean(), (label, float(error.mean()), float(floor.mean()))
+        if size in RESOLVED_SIZES:
+            share = slope(got - base_engine, want - flat(refs["base"]))
+            assert NATIVE_SLOPE_RANGE[0] < share < NATIVE_SLOPE_RANGE[1], (label, share)
         evidence = steps[label]["evidence"]
         assert evidence["workers"] == tp and evidence["modules"] == 2 * LAYERS and evidence["tensors"] == 8 * LAYERS
+        # the served share: A and scale * B rounded to bf16 keep the product's norm to 1 %
         assert evidence["delta_norm"] == pytest.approx(evidence["target_norm"], rel=1e-2)
 
 
@@ -224,9 +240,10 @@ def test_merged_sync_loses_a_small_update_that_native_keeps(stand):
     for size in SIZES:
         label = f"b{size:g}"
         shares[size] = slope(flat(refs[label]["merged"]) - base, flat(refs[label]["peft"]) - base)
-    assert shares[1e-5] < 0.5, shares  # most of the first steps' update never reaches the engine
-    assert shares[1e-2] > 0.9, shares  # a large update survives the rounding
-    assert shares[1e-5] < shares[1e-4] < shares[1e-2], shares
+    # measured 0.031, 0.535, 0.981, 0.999; issue 15's table loses 98.8 %, 87.7 % and 2.7 % at 1e-5, 1e-4, 1e-2
+    assert shares[1e-5] < 0.1, shares  # the first steps' update never reaches the engine
+    assert shares[1e-4] < 0.8, shares
+    assert shares[1e-2] > 0.95, shares  # a large update survives the rounding
 
 
 @pytest.mark.slow
@@ -234,7 +251,7 @@ def test_merged_sync_loses_a_small_update_that_native_keeps(stand):
 def test_every_rank_holds_its_slice_of_the_adapter(stand, tp):
     report = run_engine(stand, tp)
     for step in report["steps"]:
-        if not step["label"].startswith("b"):
+        if step["evidence"] is None:  # the base model and after removal: no adapter to read back
             continue
         adapter = stand["adapters"][step["label"]]["adapter"]
         assert sorted(reply["rank"] for reply in step["slots"]) == list(range(tp))
@@ -273,3 +290,11 @@ def test_an_adapter_holding_nan_is_refused(stand, tp):
     report = run_engine(stand, tp)
     assert report["nan"]["refused"] and "NaN or inf" in report["nan"]["error"]
     assert report["nan"]["version_after"] == len(stand["adapters"])  # the engine's version did not move
+
+
+@pytest.mark.slow
+def test_an_adapter_on_a_module_vllm_does_not_wrap_is_refused_and_the_current_one_kept(stand):
+    report = run_engine(stand, 1)
+    assert report["unserved"]["refused"] and "no LoRA layer" in report["unserved"]["error"]
+    assert report["unserved"]["version_after"] == len(stand["adapters"])
+    assert report["unserved"]["held"] == [[len(stand["adapters"])]]

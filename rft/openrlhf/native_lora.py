@@ -82,7 +82,9 @@ def engine_lora_kwargs(lora_rank: int, keep_previous: bool = False) -> dict[str,
     if lora_rank < 1 or not fitting:
         raise ValueError(f"--lora_rank {lora_rank}: native LoRA in vLLM 0.15.1 takes ranks 1 to {VLLM_MAX_LORA_RANKS[-1]}")
     slots = 2 if keep_previous else 1
-    return {"enable_lora": True, "max_lora_rank": fitting[0], "max_loras": slots, "max_cpu_loras": slots}
+    # one more adapter than slots may be held: the new one goes in before the old one is removed,
+    # so a refused adapter leaves the current one served (the LRU cache evicts past max_cpu_loras)
+    return {"enable_lora": True, "max_lora_rank": fitting[0], "max_loras": slots, "max_cpu_loras": slots + 1}
 
 
 def adapter_name(version: int) -> str:

@@ -1,0 +1,150 @@
+"""Unit tests of the pure parts of native LoRA (rft.openrlhf.native_lora) and of the generation
+KL (rft.openrlhf.gen_kl). The real engine runs in tests/test_native_lora_engine.py.
+
+Expected values are written out by hand (with ``math.e`` where a value is ``e``-based)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rft.openrlhf import gen_kl, native_lora
+from rft.openrlhf.lora_sync import pack_tensors
+
+
+# ----------------------------------------------------------------------------- generation KL
+def test_k3_kl_token_mean_and_sequence_tail_match_a_hand_computation():
+    engine = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0], [-3.0, -3.0, -3.0]])
+    trainer = torch.tensor([[-1.0, -1.0, 5.0], [-1.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])  # the third sequence has no response token
+    # masked tokens: log r = 0 -> 0; log r = 1 -> e - 2; log r = -1 -> 1/e
+    seq0, seq1 = (math.e - 2) / 2, 1 / math.e
+    got = gen_kl.generation_kl(engine, trainer, mask)
+    assert got["gen_kl"] == pytest.approx((math.e - 2 + 1 / math.e) / 3, rel=1e-12)
+    assert got["gen_kl_seq_max"] == pytest.approx(seq1, rel=1e-12)
+    assert got["gen_kl_seq_p99"] == pytest.approx(seq0 + 0.99 * (seq1 - seq0), rel=1e-12)  # numpy's linear p99
+
+
+def test_identical_policies_have_zero_kl_and_padding_is_ignored():
+    logp = torch.tensor([[-0.3, -2.0], [-1.0, -0.1]])
+    padded = logp.clone()
+    padded[1, 1] = 7.0  # a padded position the trainer filled with garbage
+    got = gen_kl.generation_kl(logp, padded, torch.tensor([[1, 1], [1, 0]]))
+    assert got == {"gen_kl": 0.0, "gen_kl_seq_max": 0.0, "gen_kl_seq_p99": 0.0}
+
+
+def test_a_token_the_engine_gave_probability_zero_shows_as_a_finite_huge_kl():
+    got = gen_kl.generation_kl(torch.tensor([[-math.inf]]), torch.tensor([[0.0]]), torch.tensor([[1]]))
+    assert got["gen_kl"] == pytest.approx(math.exp(20.0) - 21.0)
+
+
+def test_no_response_tokens_gives_nan_and_mismatched_shapes_say_so():
+    got = gen_kl.generation_kl(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3))
+    assert all(math.isnan(v) for v in got.values())
+    with pytest.raises(ValueError, match="shapes differ"):
+        gen_kl.generation_kl(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 3))
+
+
+def test_served_share_from_the_sync_norms():
+    assert gen_kl.served_share(0.25, 1.0) == 0.25
+    assert gen_kl.served_share(0.0, 0.0) == 1.0  # nothing intended, nothing lost
+    with pytest.raises(ValueError, match="non-negative"):
+        gen_kl.served_share(-1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("series", "verdict"),
+    [
+        ([0.001, 0.0015], "ok"),
+        ([0.001, 0.003], "warn"),
+        ([0.03] * 4, "warn"),  # high, but not yet for five steps
+        ([0.03] * 5, "stop"),
+        ([0.03, 0.03, 0.001, 0.03, 0.03, 0.03], "warn"),  # a dip breaks the streak
+        ([0.0005, float("nan")], "ok"),  # a step without samples is skipped
+        ([], "ok"),
+    ],
+)
+def test_gen_kl_verdict(series, verdict):
+    assert gen_kl.gen_kl_verdict(series) == verdict
+
+
+# ----------------------------------------------------------------------------- native LoRA settings
+def test_sync_mode_defaults_to_native_and_refuses_other_words():
+    assert native_lora.sync_mode(None) == "native" and native_lora.sync_mode("") == "native"
+    assert native_lora.sync_mode(" Merged ") == "merged"
+    with pytest.raises(ValueError, match="RFT_LORA_SYNC='delta': use one of native, merged"):
+        native_lora.sync_mode("delta")
+
+
+def test_engine_arguments_round_the_rank_up_to_one_vllm_takes():
+    assert native_lora.engine_lora_kwargs(32) == {
+        "enable_lora": True, "max_lora_rank": 32, "max_loras": 1, "max_cpu_loras": 2,
+    }
+    assert native_lora.engine_lora_kwargs(24)["max_lora_rank"] == 32
+    assert native_lora.engine_lora_kwargs(8, keep_previous=True)["max_loras"] == 2
+    with pytest.raises(ValueError, match="--lora_rank 600"):
+        native_lora.engine_lora_kwargs(600)
+
+
+def test_every_sync_gets_a_new_name_and_id_and_a_path_that_is_never_a_file():
+    pytest.importorskip("vllm")
+    assert native_lora.lora_request_for(None) is None
+    first, second = native_lora.lora_request_for(1), native_lora.lora_request_for(2)
+    assert (first.lora_name, first.lora_int_id) == ("rft-policy-v1", 1)
+    assert (second.lora_name, second.lora_int_id) == ("rft-policy-v2", 2)
+    assert first != second  # vLLM compares requests by name; the prefix cache keys on it
+    assert second.lora_path == "rft-in-memory://rft-policy-v2"
+    with pytest.raises(ValueError, match="start at 1"):
+        native_lora.lora_request_for(0)
+
+
+# ----------------------------------------------------------------------------- the payload
+def _payload_tensors(adapter: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Tensors as the worker unpacks them from the merged sync's own codec."""
+    from rft.openrlhf.lora_sync import unpack_tensors
+
+    named = [(f"{name}:{k}", t) for name, (a, b) in adapter.items() for k, t in (("A", a), ("B", b))]
+    buffer, entries = pack_tensors(named)
+    return unpack_tensors(buffer, entries)
+
+
+def test_scale_goes_into_b_before_the_one_cast_and_names_are_peft_names():
+    a = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.25, 0.125]])  # r = 2, in = 3
+    b = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.001, 0.0]])  # out = 4
+    tensors = _payload_tensors({"model.layers.0.self_attn.q_proj.weight": (a, b)})
+    out, rank, norms = native_lora.adapter_tensors([["model.layers.0.self_attn.q_proj.weight", 3.0]], tensors,
+                                                   torch.bfloat16)
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert sorted(out) == [f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"] and rank == 2
+    assert out[f"{prefix}.lora_B.weight"].dtype == torch.bfloat16
+    assert torch.equal(out[f"{prefix}.lora_B.weight"], torch.tensor(
+        [[3.0, 0.0], [0.0, 3.0], [3.0, 3.0], [0.003, 0.0]]).to(torch.bfloat16))
+    product = 3.0 * (b.double() @ a.double())  # written out: the product itself, not the Gram trick
+    assert norms["target_sq"] == pytest.approx(float((product**2).sum()), rel=1e-6)
+
+
+def test_an_adapter_holding_nan_or_inf_is_refused_naming_the_weight():
+    good = (torch.ones(2, 3), torch.ones(4, 2))
+    bad_b = torch.ones(4, 2)
+    bad_b[1, 1] = math.inf
+    tensors = _payload_tensors({"layers.0.q_proj.weight": good, "layers.1.q_proj.weight": (good[0], bad_b)})
+    targets = [["layers.0.q_proj.weight", 1.0], ["layers.1.q_proj.weight", 1.0]]
+    with pytest.raises(ValueError, match=r"layers\.1\.q_proj\.weight: the LoRA matrices hold NaN or inf"):
+        native_lora.adapter_tensors(targets, tensors, torch.bfloat16)
+
+
+def test_matrices_that_do_not_multiply_are_refused():
+    tensors = _payload_tensors({"layers.0.q_proj.weight": (torch.ones(2, 3), torch.ones(4, 3))})
+    with pytest.raises(ValueError, match="is not a 2-D product"):
+        native_lora.adapter_tensors([["layers.0.q_proj.weight", 1.0]], tensors, torch.bfloat16)
+
+
+def test_tp_workers_that_disagree_fail_the_sync():
+    row = {"lora_id": 3, "tensors": 4, "modules": 2, "rank": 8, "target_sq": 4.0, "served_sq": 4.0,
+           "unpack_s": 0.1, "apply_s": 0.2}
+    evidence = native_lora.summarize_native_evidence([row, {**row, "apply_s": 0.5}], 1.0)
+    assert (evidence["lora_id"], evidence["apply_s"], evidence["target_norm"], evidence["workers"]) == (3, 0.5, 2.0, 2)
+    with pytest.raises(RuntimeError, match="TP workers disagree"):
+        native_lora.summarize_native_evidence([row, {**row, "lora_id": 2}], 1.0)
