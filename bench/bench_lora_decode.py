@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch", "rank", "tp", "layers", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here; use --device cpu for a smoke figure")
     if GPT_OSS_20B["kv_heads"] % args.tp or GPT_OSS_20B["heads"] % args.tp:
         parser.error(f"--tp {args.tp}: gpt-oss-20b's 64 query and 8 KV heads must divide evenly")
     return args
@@ -173,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gpt-oss-20b decode, batch {shape['batch']}, rank {shape['rank']}, {shape['layers']} layers, "
           f"TP {shape['tp']} (one rank), {result['device']}; ms per decode step, median of {args.repeats}")
     print(f"{'part':<44}{'ms':>10}{'GFLOP':>10}")
-    print(f"{'attention projections (qkv_proj + o_proj)':<44}{med['base']:>10.3f}{result['gflop_per_step']['base']:>10.2f}")
-    print(f"{'LoRA shrink + expand (q, k, v, o)':<44}{med['lora']:>10.3f}{result['gflop_per_step']['lora']:>10.2f}")
+    gflop = result["gflop_per_step"]
+    print(f"{'attention projections (qkv_proj + o_proj)':<44}{med['base']:>10.3f}{gflop['base']:>10.2f}")
+    print(f"{'LoRA shrink + expand (q, k, v, o)':<44}{med['lora']:>10.3f}{gflop['lora']:>10.2f}")
     print(f"{'both, as one step':<44}{med['both']:>10.3f}")
     print(f"LoRA pair / projections: {result['lora_share_of_projections']:.1%}; added to the step: "
           f"{result['added_by_lora_ms']:.3f} ms")

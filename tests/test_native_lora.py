@@ -5,7 +5,10 @@ Expected values are written out by hand (with ``math.e`` where a value is ``e``-
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,3 +151,18 @@ def test_tp_workers_that_disagree_fail_the_sync():
     assert (evidence["lora_id"], evidence["apply_s"], evidence["target_norm"], evidence["workers"]) == (3, 0.5, 2.0, 2)
     with pytest.raises(RuntimeError, match="TP workers disagree"):
         native_lora.summarize_native_evidence([row, {**row, "lora_id": 2}], 1.0)
+
+
+# ----------------------------------------------------------------------------- the decode-cost bench
+def test_decode_bench_writes_its_figures_with_the_flop_counts_of_gpt_oss_20b(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_lora_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_lora_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "lora_decode.json"
+    assert bench.main(["--device", "cpu", "--layers", "1", "--repeats", "1", "--json-out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    # one layer, batch 64: 2 * 64 * (5120 x 2880 qkv + 2880 x 4096 o) and, at rank 32,
+    # 2 * 64 * (3 x 32 x 2880 shrink + 5120 x 32 expand + 32 x 4096 + 2880 x 32 for o)
+    assert result["gflop_per_step"] == {"base": 3.39738624, "lora": 0.084934656}
+    assert set(result["median_ms"]) == {"base", "lora", "both"} and result["lora_share_of_projections"] > 0

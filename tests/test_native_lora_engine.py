@@ -170,7 +170,8 @@ def stand(tmp_path_factory):
     root = tmp_path_factory.mktemp("native_lora")
     model_dir = root / "model"
     build_tiny_llama(model_dir)
-    adapters = {f"b{size:g}": {"scale": SCALE, "adapter": random_adapter(size, seed)} for seed, size in enumerate(SIZES)}
+    adapters = {f"b{size:g}": {"scale": SCALE, "adapter": random_adapter(size, seed)}
+                for seed, size in enumerate(SIZES)}
     last = adapters[f"b{SIZES[-1]:g}"]["adapter"]
     adapters["zero"] = {"scale": SCALE, "adapter": {n: (a, torch.zeros_like(b)) for n, (a, b) in last.items()}}
     torch.save(adapters, root / "adapters.pt")

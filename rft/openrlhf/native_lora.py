@@ -80,7 +80,8 @@ def engine_lora_kwargs(lora_rank: int, keep_previous: bool = False) -> dict[str,
     """
     fitting = [r for r in VLLM_MAX_LORA_RANKS if r >= lora_rank]
     if lora_rank < 1 or not fitting:
-        raise ValueError(f"--lora_rank {lora_rank}: native LoRA in vLLM 0.15.1 takes ranks 1 to {VLLM_MAX_LORA_RANKS[-1]}")
+        top = VLLM_MAX_LORA_RANKS[-1]
+        raise ValueError(f"--lora_rank {lora_rank}: native LoRA in vLLM 0.15.1 takes ranks 1 to {top}")
     slots = 2 if keep_previous else 1
     # one more adapter than slots may be held: the new one goes in before the old one is removed,
     # so a refused adapter leaves the current one served (the LRU cache evicts past max_cpu_loras)
