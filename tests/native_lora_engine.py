@@ -31,6 +31,37 @@ PROMPTS = [random.Random(seed).choices(range(3, 100), k=PROMPT_TOKENS) for seed 
 GREEDY_TOKENS = 8
 
 
+MOE_UNWRAPPED_ENV = "RFT_TEST_MOE_LORA_UNWRAPPED"
+"""Set to 1 for gpt-oss on the CPU build: its MoE layer is left out of vLLM's LoRA wrapping."""
+
+
+def leave_moe_unwrapped() -> None:
+    """Test-only stand-in for vLLM's MoE LoRA wrapper on the CPU build: no wrapper at all.
+
+    With LoRA enabled vLLM wraps every ``FusedMoE`` in ``FusedMoEWithLoRA``, whose forward calls
+    a Triton kernel the CPU build lacks. rft's adapters target attention only, for which that
+    wrapper would add nothing, so the manager is made to skip the experts
+    (``LoRAModelManager._match_target_modules``, ``vllm/lora/model_manager.py:538``) and they run
+    vLLM's plain CPU MoE path. Imported into every worker process with this module (the
+    ``worker_extension_cls``), before the model is loaded and wrapped.
+    """
+    from vllm.lora.model_manager import LoRAModelManager
+
+    original = LoRAModelManager._match_target_modules
+    if getattr(original, "rft_stand_in", False):
+        return
+
+    def match(self, module_name: str) -> bool:
+        return not module_name.endswith(".experts") and original(self, module_name)
+
+    match.rft_stand_in = True
+    LoRAModelManager._match_target_modules = match
+
+
+if os.environ.get(MOE_UNWRAPPED_ENV) == "1":
+    leave_moe_unwrapped()
+
+
 class NativeLoraWorker:
     """What a patched ``WorkerWrap`` adds for native LoRA, and a read-back of the filled slots."""
 
@@ -51,8 +82,9 @@ class NativeLoraWorker:
         manager = self.model_runner.lora_manager._adapter_manager
         slot = manager.lora_index_to_id.index(lora_id)
         out = {"rank": get_tensor_model_parallel_rank(), "held": sorted(manager.list_adapters())}
-        for proj in ("qkv_proj", "o_proj"):
-            module = manager.modules[f"model.layers.{layer}.self_attn.{proj}"]
+        for proj in ("qkv_proj", "o_proj"):  # Llama: .self_attn.qkv_proj; gpt-oss: .attn.qkv_proj
+            (module,) = [m for name, m in manager.modules.items()
+                         if name.startswith(f"model.layers.{layer}.") and name.endswith(f".{proj}")]
             out[proj] = {
                 "a": [t[slot, 0].float().tolist() for t in module.lora_a_stacked],
                 "b": [t[slot, 0].float().tolist() for t in module.lora_b_stacked],
