@@ -5,6 +5,7 @@ Expected values are written out by hand (with ``math.e`` where a value is ``e``-
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import math
@@ -166,3 +167,42 @@ def test_decode_bench_writes_its_figures_with_the_flop_counts_of_gpt_oss_20b(tmp
     # 2 * 64 * (3 x 32 x 2880 shrink + 5120 x 32 expand + 32 x 4096 + 2880 x 32 for o)
     assert result["gflop_per_step"] == {"base": 3.39738624, "lora": 0.084934656}
     assert set(result["median_ms"]) == {"base", "lora", "both"} and result["lora_share_of_projections"] > 0
+
+
+# ----------------------------------------------------------------------------- the engine's version state
+class _Engine:
+    """Stands in for the AsyncLLMEngine client: records collective_rpc calls, answers like TP workers."""
+
+    def __init__(self, workers: int = 2, fail: bool = False):
+        self.calls: list[tuple] = []
+        self.workers, self.fail = workers, fail
+
+    async def collective_rpc(self, method, args=()):
+        self.calls.append((method, args))
+        if self.fail:
+            raise RuntimeError("Worker failed with error 'x: the LoRA matrices hold NaN or inf'")
+        row = {"lora_id": args[2], "tensors": 2, "modules": 1, "rank": 2, "target_sq": 9.0, "served_sq": 9.0,
+               "unpack_s": 0.0, "apply_s": 0.0}
+        return [row] * self.workers
+
+
+def test_each_update_loads_the_next_version_and_moves_only_after_every_worker_took_it():
+    state = native_lora.NativeLoraEngine()
+    engine = _Engine()
+    assert state.version is None and state.request is None
+    evidence = asyncio.run(state.update(engine, {"format": "f"}, b"\x00" * 8))
+    assert engine.calls == [("load_lora_native", ({"format": "f"}, b"\x00" * 8, 1, []))]
+    assert state.version == 1 and evidence["lora_id"] == 1 and evidence["target_norm"] == 3.0
+    asyncio.run(state.update(engine, {"format": "f"}, b""))
+    assert state.version == 2 and engine.calls[-1][1][2:] == (2, [])  # nothing kept: one adapter served
+    with pytest.raises(RuntimeError, match="NaN or inf"):
+        asyncio.run(state.update(_Engine(fail=True), {"format": "f"}, b""))
+    assert state.version == 2  # a refused sync leaves requests naming the adapter the workers still hold
+
+
+def test_keep_previous_keeps_the_last_version_for_requests_still_running():
+    state = native_lora.NativeLoraEngine(keep_previous=True)
+    engine = _Engine(workers=1)
+    asyncio.run(state.update(engine, {}, b""))
+    asyncio.run(state.update(engine, {}, b""))
+    assert [call[1][2:] for call in engine.calls] == [(1, []), (2, [1])]
