@@ -45,7 +45,7 @@ from typing import Any, Callable, Sequence
 from tqdm import tqdm
 
 from rft import eval_stats
-from rft.contract import RUN_MANIFEST
+from rft.contract import MANIFEST_ARGS, MANIFEST_PROMPT_SPEC, RUN_MANIFEST
 from rft.prompt_spec import DEFAULT_DATE, DEFAULT_EFFORT, EFFORTS, PromptSpec, PromptSpecError, check_date, render
 from rft.eval_backends import Backend, GenRequest, GenResult
 from rft.eval_io import (
@@ -172,8 +172,8 @@ def prompt_settings(args: argparse.Namespace, manifest: dict[str, Any] | None) -
     A setting given here that differs from the run's is kept (the user asked for it) and
     listed in ``differs_from_run`` so that every output labels it.
     """
-    run_args = (manifest or {}).get("openrlhf_args") or {}
-    run_spec = (manifest or {}).get("prompt_spec") or {}
+    run_args = (manifest or {}).get(MANIFEST_ARGS) or {}
+    run_spec = (manifest or {}).get(MANIFEST_PROMPT_SPEC) or {}
     run = {
         "reasoning_effort": run_args.get("reasoning_effort", run_spec.get("reasoning_effort")),
         "prompt_date": run_args.get("prompt_date", run_spec.get("date")),

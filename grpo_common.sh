@@ -7,6 +7,8 @@
 #            SAVE_PATH CKPT_PATH METRICS_LOG_DIR SAMPLES_LOG_DIR SPIKE_LOG_PATH LOG_FILE
 #   layout   ACTOR_NUM_NODES ACTOR_GPUS_PER_NODE VLLM_NUM_ENGINES VLLM_TP VLLM_GPU_MEM_UTIL
 #   rollout  N_SAMPLES MAX_SAMPLES WARMUP_RATIO MICRO_ROLLOUT_BATCH_SIZE PROMPT_MAX_LEN TEMPERATURE
+#   prompt   REASONING_EFFORT PROMPT_DATE (rft/prompt_spec.py; eval_posthoc.py --manifest reuses them)
+#   speed    RFT_FAST_GPTOSS RFT_FAST_GPTOSS_RESIDENT_GIB (rft/fast_gptoss.py)
 #   train    MICRO_TRAIN_BATCH_SIZE MAX_EPOCHS EPS_CLIP ENTROPY_LOSS_COEF ATTN_IMPLEMENTATION SEED
 #   eval     EVAL_STEPS EVAL_TEMPERATURE EVAL_N_SAMPLES
 #   ckpt     SAVE_STEPS MAX_CKPT_NUM
@@ -82,6 +84,14 @@ N_SAMPLES="${N_SAMPLES:-8}"
 MICRO_ROLLOUT_BATCH_SIZE="${MICRO_ROLLOUT_BATCH_SIZE:-8}"  # OpenRLHF 0.9.3's default, stated
 PROMPT_MAX_LEN="${PROMPT_MAX_LEN:-1024}"   # NuminaMath prompts: p99.5 = 354 tokens
 TEMPERATURE="${TEMPERATURE:-1.0}"
+# The prompt spec: medium is the chat template's own default and the effort the base model is
+# usually measured at; the date line is pinned so a run's prompts never change at midnight.
+REASONING_EFFORT="${REASONING_EFFORT:-medium}"
+PROMPT_DATE="${PROMPT_DATE:-2025-08-05}"
+# The actor's faster gpt-oss layers: flex attention with sinks and grouped-GEMM experts, parity
+# tested against eager (tests/test_fast_gptoss.py) and timed on an H100 (bench/RESULTS.md).
+# 0 is transformers' eager path; 1 adds the ZeRO-3 parts (layer leaves, resident frozen weights).
+RFT_FAST_GPTOSS="${RFT_FAST_GPTOSS:-attention,experts}"
 
 # Training. train_batch_size counts SAMPLES in OpenRLHF 0.9.3 (max_steps multiplies prompts by
 # n_samples before dividing), so a rollout of R prompts x 8 samples gives R*8/TRAIN_BATCH_SIZE updates.
@@ -208,6 +218,7 @@ rft_build_command() {
   data=(
     --prompt_data "$PROMPT_DATA" --max_samples "$MAX_SAMPLES"
     --input_key input --label_key label --apply_chat_template
+    --reasoning_effort "$REASONING_EFFORT" --prompt_date "$PROMPT_DATE"
     --remote_rm_url "$REWARD_FUNC"
   )
   evals=()
@@ -535,8 +546,8 @@ grpo_main() {
   if [[ -n "$EVAL_DATASET" ]]; then EVAL_DATASET="$(rft_abspath "$EVAL_DATASET")"; fi
 
   rft_check_python
+  rft_check_patches  # first: only the patched parser knows the flags the patches add
   rft_resolve
-  rft_check_patches
   rft_check_data
   rft_check_preflight
   rft_check_disk
@@ -553,8 +564,10 @@ grpo_main() {
   fi
   local runtime_env
   # The run-log paths always; the patches' optional knobs and the HF cache settings when set.
-  runtime_env="$(rft_tool runtime-env METRICS_LOG_DIR SAMPLES_LOG_DIR SPIKE_LOG_PATH PYTHONUNBUFFERED \
-    --optional SPIKE_GRAD_NORM SAMPLES_LOG_COUNT RFT_LORA_PRISTINE RFT_LORA_SCRATCH_MB HF_HOME HF_HUB_OFFLINE \
+  export RFT_FAST_GPTOSS
+  runtime_env="$(rft_tool runtime-env METRICS_LOG_DIR SAMPLES_LOG_DIR SPIKE_LOG_PATH PYTHONUNBUFFERED RFT_FAST_GPTOSS \
+    --optional SPIKE_GRAD_NORM SAMPLES_LOG_COUNT RFT_LORA_PRISTINE RFT_LORA_SCRATCH_MB RFT_FAST_GPTOSS_RESIDENT_GIB \
+    HF_HOME HF_HUB_OFFLINE \
     PYTHONPATH RFT_CPU_STAND_INS VLLM_CPU_KVCACHE_SPACE VLLM_CPU_OMP_THREADS_BIND OMP_NUM_THREADS \
     TORCHDYNAMO_DISABLE)"
   SUBMISSION_ID="$RUN_NAME-$(date -u +%Y%m%d-%H%M%S)"

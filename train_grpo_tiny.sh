@@ -44,6 +44,9 @@ EPS_CLIP="${EPS_CLIP:-0.2}"
 # samples broken Harmony markup often enough that those samples' gradients swamp the one answer
 # token, and the reward stalled near its start (0.66 -> 0.73 in 16 rollouts; 0.70 -> 0.87 at 0.7).
 TEMPERATURE="${TEMPERATURE:-0.7}"
+REASONING_EFFORT="${REASONING_EFFORT:-low}"  # the effort the tiny model's warm start saw (rft/tiny.py)
+# Eager layers: without TorchDynamo (off on CPU) flex attention would run its slow reference code.
+RFT_FAST_GPTOSS="${RFT_FAST_GPTOSS:-0}"
 PROMPT_DATA="${PROMPT_DATA:-$TINY_DIR/data/train.jsonl}"
 EVAL_DATASET="${EVAL_DATASET-$TINY_DIR/data/eval.jsonl}"
 EVAL_STEPS="${EVAL_STEPS:-1}"

@@ -24,6 +24,12 @@ SPIKE_FILE = "spike_log.jsonl"
 """Default name of the spike log ($SPIKE_LOG_PATH overrides the whole path)."""
 RUN_MANIFEST = "run_manifest.json"
 """The settings a run really used, written by the launcher beside the metrics."""
+MANIFEST_ARGS = "openrlhf_args"
+"""Manifest key: the arguments as OpenRLHF's (patched) parser and validation hand them to train()."""
+MANIFEST_RUN_LOGS = "run_logs"
+"""Manifest key: where the run's logs go, keyed by the ENV_* names below."""
+MANIFEST_PROMPT_SPEC = "prompt_spec"
+"""Manifest key: rft/prompt_spec.py's specification of the run's prompts, with its digest."""
 
 
 def samples_file(step: int) -> str:

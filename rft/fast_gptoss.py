@@ -456,7 +456,8 @@ def parse_setting(value: str | None) -> frozenset[str]:
     parts = frozenset(p.strip() for p in text.split(",") if p.strip())
     unknown = sorted(parts - set(PARTS))
     if unknown:
-        raise ValueError(f"{SETTING}={value!r}: unknown part(s) {unknown}; use 0, 1 or a subset of {list(PARTS)}")
+        raise ValueError(f"{SETTING}={value}: unknown part(s) {', '.join(unknown)}; use 0, 1 or a comma-separated "
+                         f"subset of {','.join(PARTS)}")
     return parts
 
 

@@ -37,7 +37,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from rft.contract import ENV_METRICS_DIR, ENV_SAMPLES_DIR, ENV_SPIKE_PATH
+from rft.contract import ENV_FAST_GPTOSS, ENV_METRICS_DIR, ENV_SAMPLES_DIR, ENV_SPIKE_PATH
+from rft.contract import MANIFEST_ARGS, MANIFEST_PROMPT_SPEC, MANIFEST_RUN_LOGS
+from rft.prompt_spec import DEFAULT_DATE, DEFAULT_EFFORT, EFFORTS, manifest_record
 
 # Packages whose versions decide what a run does (requirements-node.txt pins them).
 PINNED_PACKAGES = (
@@ -181,6 +183,14 @@ class Rule:
     flag: str | None = None
     when: str | None = None
     choices: tuple[str, ...] = ()
+    parse: Callable[[str], object] | None = None  # for a text setting: raises ValueError with the fix
+
+
+def fast_gptoss_parts(text: str) -> object:
+    """RFT_FAST_GPTOSS as rft/fast_gptoss.py reads it (imported late: it needs torch)."""
+    from rft.fast_gptoss import parse_setting
+
+    return parse_setting(text)
 
 
 POSITIVE = dict(low=1)
@@ -227,6 +237,9 @@ SETTINGS: dict[str, Rule] = {
     "MAX_GPU_MEM_USED_MIB": Rule(int, low=0),
     "RAY_DASHBOARD_PORT": Rule(int, low=1, high=65535),
     "RAY_STOP_ON_EXIT": Rule(str, choices=("0", "1")),
+    # the prompt spec and the actor's layers
+    "REASONING_EFFORT": Rule(str, choices=EFFORTS),
+    ENV_FAST_GPTOSS: Rule(str, parse=fast_gptoss_parts),
 }
 """Every launcher setting that holds a number or a switch; the launchers give each a default."""
 
@@ -244,6 +257,7 @@ EXAMPLES = {
     "ACTOR_NUM_NODES": "1", "ACTOR_GPUS_PER_NODE": "4", "VLLM_NUM_ENGINES": "2", "VLLM_TP": "2",
     "VLLM_GPU_MEM_UTIL": "0.85", "MIN_FREE_GB_DATA": "50", "MIN_FREE_GB_SCRATCH": "20",
     "MAX_GPU_MEM_USED_MIB": "2048", "RAY_DASHBOARD_PORT": "8265", "RAY_STOP_ON_EXIT": "1",
+    "REASONING_EFFORT": "medium", ENV_FAST_GPTOSS: "attention,experts",
 }
 """A valid value of each setting (the 20b launcher's default), shown in the fix of a refusal."""
 
@@ -289,6 +303,12 @@ def check_setting(name: str, text: str) -> str | None:
     so that a flag given on the command line meets the same bound.
     """
     rule = SETTINGS[name]
+    if rule.parse is not None:
+        try:
+            rule.parse(text)
+        except ValueError as exc:
+            return f"{exc}; for example {_example(name)}"
+        return None
     if rule.choices:
         if text not in rule.choices:
             return f"{name}={text}: must be {' or '.join(rule.choices)}; for example {_example(name)}"
@@ -613,10 +633,6 @@ def write_json_atomic(path: Path, obj: dict) -> None:
         raise
 
 
-MANIFEST_ARGS = "openrlhf_args"
-"""Manifest key: the arguments as OpenRLHF's (patched) parser and validation hand them to train()."""
-MANIFEST_RUN_LOGS = "run_logs"
-"""Manifest key: where the run's logs go, keyed by the environment names of rft/contract.py."""
 
 
 def run_logs(env: dict[str, str | None], log_file: str) -> dict[str, str | None]:
@@ -651,6 +667,8 @@ def build_manifest(args: argparse.Namespace, command: list[str]) -> dict:
         "submit": redact(args.submit.split("\x1f")) if args.submit else None,
         "env": env,
         MANIFEST_ARGS: namespace_record(namespace),
+        MANIFEST_PROMPT_SPEC: manifest_record(namespace.pretrain, getattr(namespace, "reasoning_effort", DEFAULT_EFFORT),
+                                              getattr(namespace, "prompt_date", DEFAULT_DATE)),
         MANIFEST_RUN_LOGS: run_logs(dict(os.environ), args.log_file),
         "settings": settings,
         "preflight": preflight,

@@ -121,3 +121,37 @@ def render(tokenizer: Any, problem: Any, spec: PromptSpec) -> str:
                               f"names ({spec.template_sha256[:12]}): evaluate with the run's tokenizer")
     return tokenizer.apply_chat_template(as_chat(problem), tokenize=False, add_generation_prompt=True,
                                          **template_kwargs(spec))
+
+
+def model_chat_template(model_dir: str) -> str | None:
+    """The chat template a model folder ships (``chat_template.jinja``, else ``tokenizer_config.json``).
+
+    None when the folder has none or is not a local folder (a hub id is resolved by transformers at
+    run time; the run's own tokenizer then decides, and the eval checks it against the manifest).
+    """
+    import os
+
+    jinja = os.path.join(model_dir, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as handle:
+            return handle.read()
+    config = os.path.join(model_dir, "tokenizer_config.json")
+    if not os.path.isfile(config):
+        return None
+    with open(config, encoding="utf-8") as handle:
+        template = json.load(handle).get("chat_template")
+    if isinstance(template, list):  # named templates: the default one is what apply_chat_template uses
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
+
+
+def manifest_record(model_dir: str, reasoning_effort: str, date: str) -> dict:
+    """The prompt spec as the run manifest records it, from the model folder the run loads."""
+    try:
+        template = model_chat_template(model_dir)
+    except (OSError, ValueError) as exc:
+        return {"reasoning_effort": reasoning_effort, "date": date, "error": f"{model_dir}: {exc}"}
+    if template is None:
+        return {"reasoning_effort": reasoning_effort, "date": date,
+                "error": f"{model_dir}: no chat template found in the folder"}
+    return PromptSpec(template_sha256(template), reasoning_effort, date).as_dict()

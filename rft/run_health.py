@@ -32,7 +32,7 @@ from rft.contract import (
     SAMPLES_GLOB,
     SPIKE_FILE,
 )
-from rft.launch_tools import MANIFEST_ARGS, MANIFEST_RUN_LOGS
+from rft.contract import MANIFEST_ARGS, MANIFEST_RUN_LOGS
 
 __all__ = ["METRICS_FILE", "SPIKE_FILE", "RunPaths", "Run", "load_run", "evaluate_run", "write_dashboard"]
 
