@@ -65,10 +65,10 @@ if os.environ.get(MOE_UNWRAPPED_ENV) == "1":
 class NativeLoraWorker:
     """What a patched ``WorkerWrap`` adds for native LoRA, and a read-back of the filled slots."""
 
-    def load_lora_native(self, spec, blob, lora_id, keep=()):
+    def load_lora_native(self, spec, blob, lora_id, keep=(), receive="bytes"):
         from rft.openrlhf import native_lora
 
-        return native_lora.load_native_lora(self, spec, blob, lora_id, keep)
+        return native_lora.load_native_lora(self, spec, blob, lora_id, keep, receive)
 
     def remove_lora_native(self, lora_id):
         from rft.openrlhf import native_lora

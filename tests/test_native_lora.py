@@ -206,3 +206,9 @@ def test_keep_previous_keeps_the_last_version_for_requests_still_running():
     asyncio.run(state.update(engine, {}, b""))
     asyncio.run(state.update(engine, {}, b""))
     assert [call[1][2:] for call in engine.calls] == [(1, []), (2, [1])]
+
+
+def test_without_a_payload_the_workers_are_told_to_receive_the_broadcast():
+    engine = _Engine(workers=1)
+    asyncio.run(native_lora.NativeLoraEngine().update(engine, {"nbytes": 64}))
+    assert engine.calls == [("load_lora_native", ({"nbytes": 64}, None, 1, [], "nccl"))]

@@ -196,7 +196,7 @@ def register_adapter(manager: Any, lora: Any, previous: Iterable[int]) -> list[i
     ``previous`` adapters; returns the ids removed.
 
     vLLM ignores an adapter module that no LoRA layer of the model matches (``activate_adapter``
-    walks the model's layers, ``lora/model_manager.py:252``): an adapter on gpt-oss experts, or a
+    walks the model's layers, ``lora/model_manager.py:256-266``): an adapter on gpt-oss experts, or a
     name from another model, would be dropped without a word. Such an adapter is taken back out
     and refused, and the previous one stays.
     """
@@ -216,25 +216,32 @@ def register_adapter(manager: Any, lora: Any, previous: Iterable[int]) -> list[i
     return removed
 
 
-def load_native_lora(worker: Any, spec: Any, blob: Any, lora_id: int, keep: Sequence[int] = ()) -> dict:
+def load_native_lora(
+    worker: Any, spec: Any, blob: Any, lora_id: int, keep: Sequence[int] = (), receive: str = "bytes"
+) -> dict:
     """``WorkerWrap.load_lora_native``: serve one packed adapter under ``lora_id`` on this TP rank.
 
-    ``spec`` and ``blob`` are the merged sync's payload (``bytes`` of :func:`pack_tensors`).
+    ``spec`` and ``blob`` are the merged sync's payload (``bytes`` of :func:`pack_tensors`), or
+    ``blob`` is None and ``receive="nccl"``: the buffer comes by the model-update group's broadcast
+    from trainer rank 0, as in the merged sync (that transport needs GPUs and is untested here).
     Every adapter the worker holds other than ``lora_id`` and ``keep`` is removed once the new one
     is in. Returns this worker's evidence: the id, the number of matrices, the modules it serves,
     the squared norms of the intended and served products, and seconds to unpack and to load.
     """
-    from rft.openrlhf.vllm_lora_delta import bytes_to_uint8
+    from rft.openrlhf.vllm_lora_delta import receive_payload, worker_device
 
     if not isinstance(spec, dict) or spec.get("format") != LORA_PAYLOAD_FORMAT:
         found = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
         raise ValueError(f"load_lora_native: payload format {found!r} is not {LORA_PAYLOAD_FORMAT!r}")
     manager = lora_manager(worker)
     start = time.perf_counter()
-    buffer = bytes_to_uint8(blob)
-    if buffer.numel() != int(spec["nbytes"]):
-        raise ValueError(f"load_lora_native: got {buffer.numel()} payload bytes, the index says {spec['nbytes']}")
-    tensors = unpack_tensors(buffer.clone(), spec["entries"])  # own the bytes: vLLM keeps these tensors
+    # bytes are copied to a CPU buffer the adapter owns (vLLM keeps its adapters on the CPU and
+    # copies them into the device slots); a broadcast lands on the worker's device
+    device = worker_device(worker) if receive == "nccl" else torch.device("cpu")
+    buffer = receive_payload(worker, int(spec["nbytes"]), blob, receive, device)
+    if receive == "nccl":
+        start = time.perf_counter()  # the broadcast's wait for the trainer is transfer, not unpack
+    tensors = unpack_tensors(buffer, spec["entries"])
     unpacked = time.perf_counter()
     with torch.no_grad():
         named, rank, norms = adapter_tensors(spec["targets"], tensors, manager.lora_config.lora_dtype)
@@ -265,6 +272,10 @@ def summarize_native_evidence(results: Sequence[dict], engine_seconds: float) ->
 
     Every worker holds the full adapter (vLLM slices it per rank), so the norms are the first
     worker's; all workers must report the same id and module count, else the ranks disagree.
+    The keys are the merged sync's (:func:`rft.openrlhf.vllm_lora_delta.summarize_lora_evidence`),
+    so the trainer's ``lora_sync_metrics`` reads either: ``delta_norm`` is the norm of the product
+    the engine serves, and ``changed_frac`` is 1 for a non-zero adapter (``W0`` itself never
+    changes in native mode).
     """
     if not results:
         raise RuntimeError("load_lora_native: the engine returned no worker results")
@@ -304,13 +315,22 @@ class NativeLoraEngine:
         """The ``LoRARequest`` for the current adapter (None before the first sync)."""
         return lora_request_for(self.version)
 
-    async def update(self, llm: Any, spec: dict, payload: Any) -> Evidence:
-        """Load ``payload`` as the next version on every worker of ``llm`` (an ``AsyncLLMEngine``)."""
+    async def update(self, llm: Any, spec: dict, payload: Any = None) -> Evidence:
+        """Load ``payload`` as the next version on every worker of ``llm`` (an ``AsyncLLMEngine``).
+
+        ``payload`` is the packed buffer (bytes, or a uint8 array from the object store), or None
+        when trainer rank 0 broadcasts it over the model-update group right after this call.
+        The version moves only once every worker has taken the adapter.
+        """
         from rft.openrlhf.vllm_lora_delta import payload_bytes
 
         start = time.perf_counter()
         version = 1 if self.version is None else self.version + 1
         keep = [self.version] if self.keep_previous and self.version is not None else []
-        results = await llm.collective_rpc("load_lora_native", args=(spec, payload_bytes(payload), version, keep))
+        if payload is None:
+            args = (spec, None, version, keep, "nccl")
+        else:
+            args = (spec, payload_bytes(payload), version, keep)
+        results = await llm.collective_rpc("load_lora_native", args=args)
         self.version = version
         return summarize_native_evidence(results, time.perf_counter() - start)
