@@ -849,6 +849,36 @@ def existing_header(path: Path, today: str) -> str:
     return "".join(header)
 
 
+_STAT_LINE = re.compile(r"^ (\S+ +\| +\d+ [+-]*|\d+ files? changed.*)$")
+
+
+def diffstat(body: str) -> str:
+    """``git apply --stat``'s summary of a unified diff: one line a file, then the totals."""
+    rows: list[list] = []
+    for line in body.splitlines():
+        if line.startswith("+++ "):
+            rows.append([line[4:].split("\t")[0].removeprefix("b/"), 0, 0])
+        elif rows and line.startswith("+"):
+            rows[-1][1] += 1
+        elif rows and line.startswith("-") and not line.startswith("--- "):
+            rows[-1][2] += 1
+    width = max((len(name) for name, _, _ in rows), default=0)
+    out = [f" {name.ljust(width)} | {add + rem:4d} {'+' * add}{'-' * rem}" for name, add, rem in rows]
+    adds, rems = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    total = f" {len(rows)} file{'s' if len(rows) != 1 else ''} changed"
+    total += f", {adds} insertion{'s' if adds != 1 else ''}(+)" if adds else ""
+    total += f", {rems} deletion{'s' if rems != 1 else ''}(-)" if rems else ""
+    return "\n".join(out + [total]) + "\n"
+
+
+def with_diffstat(header: str, body: str) -> str:
+    """``header`` (DEP-3 fields, maybe an old diffstat, then '---') with the diffstat of ``body``."""
+    lines = header.splitlines()
+    while lines and (lines[-1] in ("---", "") or _STAT_LINE.match(lines[-1])):
+        lines.pop()
+    return "\n".join(lines) + "\n\n" + diffstat(body) + "---\n"
+
+
 def cmd_make(
     manager: Manager, plan: Plan, name: str, edited: Path, description: str | None, after: str | None, quiet: bool
 ) -> int:
@@ -904,7 +934,7 @@ def cmd_make(
             )
         if not diff:
             raise PatchError(EXIT_USAGE, f"{edited}: no change against the series before {name}; nothing written")
-        write_atomic(out, (header + "".join(diff)).encode())
+        write_atomic(out, (with_diffstat(header, "".join(diff)) + "".join(diff)).encode())
     hunks = sum(line.startswith("@@ ") for text in diff for line in text.splitlines())
     say(f"wrote {out} ({len(diff)} file(s), {hunks} hunk(s))", quiet)
     if name not in manager.names:
