@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from rft import eval_stats
 from rft.contract import MANIFEST_ARGS, MANIFEST_PROMPT_SPEC, RUN_MANIFEST
+from rft.patching import pid_running
 from rft.prompt_spec import DEFAULT_DATE, DEFAULT_EFFORT, EFFORTS, PromptSpec, PromptSpecError, check_date, render
 from rft.eval_backends import Backend, GenRequest, GenResult
 from rft.eval_io import (
@@ -339,17 +340,6 @@ def _work_dir_name(name: str, kind: str) -> str:
     return f".{safe_name(name)}.{kind}-{os.getpid()}@{safe_name(socket.gethostname())}"
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this host (one of another user counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_merges(merged_root: str | Path) -> list[Path]:
     """Remove the temporary folders of merges whose process is gone; return what was removed.
 
@@ -369,7 +359,7 @@ def clean_stale_merges(merged_root: str | Path) -> list[Path]:
         m = WORK_DIR_RE.match(entry.name)
         if not m or not entry.is_dir() or entry.is_symlink():
             continue
-        if (m.group("host") or here) != here or pid_alive(int(m.group("pid"))):
+        if (m.group("host") or here) != here or pid_running(int(m.group("pid"))):
             continue
         shutil.rmtree(entry, ignore_errors=True)
         if not entry.exists():

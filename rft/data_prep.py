@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import reward_func_em
-from rft.patching import signals_held
+from rft.patching import pid_running, signals_held
 
 REQUIRED_COLUMNS = (
     "problem",
@@ -609,10 +609,9 @@ def _iter_files(files: Sequence[Path], columns: Sequence[str], malformed_column:
             raise PrepError(f"{path}: cannot read parquet ({type(exc).__name__}: {exc})") from exc
 
 
-def _open_hub(
-    spec: str, columns: Sequence[str], malformed_column: str, split: str | None, revision: str | None
-) -> tuple[SourceInfo, Iterator[Any]]:
-    """Load a hub dataset through ``datasets.load_dataset`` and iterate it in Arrow batches."""
+def load_hub(spec: str, split: str | None, revision: str | None, fix: str) -> tuple[SourceInfo, Any]:
+    """A hub dataset (``name[:split]``) and its provenance; a dataset of several splits must name one
+    unless it has a ``test`` split. ``fix`` ends the one-line error when loading fails."""
     import datasets
 
     name, _, split_in_spec = spec.partition(":")
@@ -620,10 +619,7 @@ def _open_hub(
     try:
         loaded = datasets.load_dataset(name, split=split, revision=revision)
     except Exception as exc:
-        raise PrepError(
-            f"{spec}: cannot load from the Hugging Face hub ({type(exc).__name__}: {exc}); "
-            "check the name and network, or pass a local parquet/JSONL path"
-        ) from exc
+        raise PrepError(f"{spec}: cannot load from the Hugging Face hub ({type(exc).__name__}: {exc}); {fix}") from exc
     if isinstance(loaded, datasets.DatasetDict):
         names = sorted(loaded.keys())
         pick = names[0] if len(names) == 1 else ("test" if "test" in names else None)
@@ -632,6 +628,14 @@ def _open_hub(
         loaded, split = loaded[pick], pick
     info = SourceInfo(spec=spec, kind="hub", rows=len(loaded))
     info.hub = {"name": name, "split": split, "revision": revision, "fingerprint": loaded._fingerprint}
+    return info, loaded
+
+
+def _open_hub(
+    spec: str, columns: Sequence[str], malformed_column: str, split: str | None, revision: str | None
+) -> tuple[SourceInfo, Iterator[Any]]:
+    """Load a hub dataset through ``datasets.load_dataset`` and iterate it in Arrow batches."""
+    info, loaded = load_hub(spec, split, revision, "check the name and network, or pass a local parquet/JSONL path")
 
     def batches() -> Iterator[Any]:
         for table in loaded.with_format("arrow").iter(batch_size=BATCH_ROWS):
@@ -893,24 +897,7 @@ def read_eval_rows(spec: str, revision: str | None = None) -> tuple[SourceInfo, 
     files = resolve_files(spec, (".parquet", ".jsonl", ".json"), "a file of problems with answers")
     records: list[dict[str, Any]] = []
     if files is None:
-        import datasets
-
-        name, _, split = spec.partition(":")
-        try:
-            loaded = datasets.load_dataset(name, split=split or None, revision=revision)
-        except Exception as exc:
-            raise PrepError(
-                f"{spec}: cannot load from the Hugging Face hub ({type(exc).__name__}: {exc}); "
-                "pass a local parquet/JSONL file, or 'none' to skip this set"
-            ) from exc
-        if isinstance(loaded, datasets.DatasetDict):
-            names = sorted(loaded.keys())
-            pick = names[0] if len(names) == 1 else ("test" if "test" in names else None)
-            if pick is None:
-                raise PrepError(f"{spec}: has splits {', '.join(names)}; name one as {name}:SPLIT")
-            loaded, split = loaded[pick], pick
-        info = SourceInfo(spec=spec, kind="hub", rows=len(loaded))
-        info.hub = {"name": name, "split": split, "revision": revision, "fingerprint": loaded._fingerprint}
+        info, loaded = load_hub(spec, None, revision, "pass a local parquet/JSONL file, or 'none' to skip this set")
         records = list(loaded)
     else:
         import pyarrow.parquet as pq
@@ -1273,16 +1260,6 @@ def _restore_previous(out_dir: Path, staging: Path, names: Sequence[str]) -> Non
     _fsync_dir(out_dir)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def recover(out_dir: Path) -> str | None:
     """Finish what a killed :func:`publish` left in ``out_dir``; returns what was done, if anything.
 
@@ -1306,7 +1283,7 @@ def recover(out_dir: Path) -> str | None:
     for leftover in out_dir.glob(".prep-*"):  # staging folders and temporary files, ".prep-<pid>-..."
         parts = leftover.name.split("-")
         pid = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
-        if leftover.name == PUBLISH_JOURNAL or (pid is not None and pid != os.getpid() and _pid_alive(pid)):
+        if leftover.name == PUBLISH_JOURNAL or (pid is not None and pid != os.getpid() and pid_running(pid)):
             continue
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)

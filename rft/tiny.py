@@ -92,6 +92,16 @@ effort defaulting to medium, a system turn rendered as developer instructions, t
 
 ANALYSIS = "Recall it."
 
+YARN_ROPE_SCALING = {
+    "rope_type": "yarn",
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "original_max_position_embeddings": 16,
+}
+"""gpt-oss's YaRN settings, scaled so that original length x factor = max_position_embeddings (512)."""
+
 TINY_CONFIG = dict(
     num_hidden_layers=2,
     layer_types=["sliding_attention", "full_attention"],
@@ -104,14 +114,7 @@ TINY_CONFIG = dict(
     num_key_value_heads=2,
     sliding_window=64,
     max_position_embeddings=512,
-    rope_scaling={
-        "rope_type": "yarn",
-        "factor": 32.0,
-        "beta_fast": 32.0,
-        "beta_slow": 1.0,
-        "truncate": False,
-        "original_max_position_embeddings": 16,
-    },
+    rope_scaling=YARN_ROPE_SCALING,
     tie_word_embeddings=False,
 )
 """Sizes: 4 query heads and 2 KV heads split evenly over a tensor-parallel size of 2."""

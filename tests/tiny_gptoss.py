@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from rft.tiny import YARN_ROPE_SCALING
+
 FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 """The non-negative E2M1 values, indexed by the low three bits of a code."""
 
@@ -66,15 +68,7 @@ TINY_CONFIG = dict(
     num_key_value_heads=2,
     sliding_window=16,
     max_position_embeddings=512,
-    # gpt-oss's YaRN settings, scaled so that original length x factor = max_position_embeddings
-    rope_scaling={
-        "rope_type": "yarn",
-        "factor": 32.0,
-        "beta_fast": 32.0,
-        "beta_slow": 1.0,
-        "truncate": False,
-        "original_max_position_embeddings": 16,
-    },
+    rope_scaling=dict(YARN_ROPE_SCALING),  # gpt-oss's YaRN, scaled to 512 positions
     tie_word_embeddings=False,
 )
 """Sizes of the tiny model; hidden and intermediate sizes are multiples of 32 (the MXFP4 group)."""
