@@ -118,7 +118,9 @@ async def drive(model_dir: Path, adapters: dict, tp: int) -> dict:
                                          lora_request=lora_request):
             final = out
         prompt_lp = [step[token].logprob for step, token in zip(final.prompt_logprobs[1:], prompt[1:])]
-        return {"prompt_logprobs": prompt_lp, "tokens": list(final.outputs[0].token_ids)}
+        sample = final.outputs[0]
+        sampled_lp = [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)]
+        return {"prompt_logprobs": prompt_lp, "tokens": list(sample.token_ids), "token_logprobs": sampled_lp}
 
     async def record(label: str, lora_request, evidence=None) -> None:
         rows = [await one(prompt, lora_request) for prompt in PROMPTS]

@@ -27,6 +27,10 @@ references it computes itself with plain transformers and PEFT in fp32:
 * generations change with the adapter, and a zero adapter or the adapter's removal gives back
   the base model's very tokens and log-probs; each sync has a new name and id and the old one
   is gone from every worker;
+* the generation KL the trainer will log (``rft.openrlhf.gen_kl``), on the engine's own greedy
+  tokens and log-probs against PEFT's, stays at the bf16 floor after every sync, and is hundreds
+  of times larger for an engine that still serves the base model while the trainer holds the 1e-2
+  adapter;
 * an adapter holding NaN is refused, and (TP 1) one naming a module vLLM does not wrap.
 """
 
@@ -48,6 +52,9 @@ SIZES = (1e-5, 1e-4, 1e-3, 1e-2)
 """Standard deviations of the B entries: about t * LR after t Adam steps at the 20b's LR (issue 15)."""
 PROJ_SHAPES = {"q": (256, 256), "k": (128, 256), "v": (128, 256), "o": (256, 256)}
 """(out, in) of the tiny Llama's attention projections."""
+GEN_KL_SERVED_TOL = 1e-4
+"""Generation KL (k3, per-sequence max) allowed between the engine and fp32 PEFT on the engine's
+greedy tokens after a sync: the bf16 floor of this nearly flat tiny model is about 2e-6."""
 GPTOSS_PROJ_SHAPES = {"q": (256, 128), "k": (128, 128), "v": (128, 128), "o": (128, 256)}
 """(out, in) of rft.tiny's gpt-oss: hidden 128, 4 query and 2 KV heads of 64."""
 GPTOSS_SIZES = (1e-3, 1e-2)
@@ -239,6 +246,39 @@ def test_engine_serves_the_trainers_policy_for_every_update_size(stand, tp):
         assert evidence["workers"] == tp and evidence["modules"] == 2 * LAYERS and evidence["tensors"] == 8 * LAYERS
         # the served share: A and scale * B rounded to bf16 keep the product's norm to 1 %
         assert evidence["delta_norm"] == pytest.approx(evidence["target_norm"], rel=1e-2)
+
+
+def continuation_logprobs(model_dir: Path, adapter, rows: list[dict]) -> list[list[float]]:
+    """The trainer's log-probs (fp32 PEFT) of the tokens the engine generated, after their prompt."""
+    from native_lora_engine import PROMPTS
+
+    full = [prompt + row["tokens"] for prompt, row in zip(PROMPTS, rows)]
+    return [lp[len(prompt) - 1 :] for prompt, lp in zip(PROMPTS, peft_logprobs(model_dir, adapter, full))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2])
+def test_generation_kl_of_the_engine_against_the_trainer_stays_under_the_warning(stand, tp):
+    """The measure the trainer will log, on the engine's own generated tokens and log-probs."""
+    from rft.openrlhf.gen_kl import GEN_KL_WARN, generation_kl
+
+    report = run_engine(stand, tp)
+
+    def kl_against_trainer(rows: list[dict], label: str) -> dict:
+        trainer = continuation_logprobs(stand["model"], stand["adapters"][label]["adapter"], rows)
+        engine = torch.tensor([row["token_logprobs"] for row in rows])
+        return generation_kl(engine, torch.tensor(trainer), torch.ones_like(engine))
+
+    served = []
+    for step in report["steps"]:
+        if step["evidence"] is not None:
+            kl = kl_against_trainer(step["rows"], step["label"])
+            assert kl["gen_kl_seq_max"] < GEN_KL_SERVED_TOL < GEN_KL_WARN, (step["label"], kl)  # at most 4.5e-6
+            served.append(kl["gen_kl"])
+    # an engine still serving the base model while the trainer holds the 1e-2 adapter: measured
+    # 3.0e-3 (TP 1) and 1.6e-3 (TP 2), around the warning level and far above a served adapter's
+    stale = kl_against_trainer(next(s for s in report["steps"] if s["label"] == "base")["rows"], f"b{SIZES[-1]:g}")
+    assert stale["gen_kl"] > 100 * max(served), (stale, served)
 
 
 @pytest.mark.slow

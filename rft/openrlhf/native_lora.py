@@ -4,7 +4,8 @@ The merged sync (:mod:`rft.openrlhf.vllm_lora_delta`) serves ``bf16(W0 + scale *
 early update is far below half a bf16 step of ``W0`` and rounds away, so the engines sample
 from nearly the base model while the trainer's policy has moved. Here the engine starts with
 LoRA enabled and serves ``W0 x + scale * B (A x)`` through vLLM's own LoRA layers, as PEFT
-computes it in the trainer. What this relies on in vLLM 0.15.1 (file:line in
+computes it in the trainer (both add the LoRA output to the base layer's rounded bf16 output, so
+the engine's forward matches the trainer's rather than an fp32 ideal). What this relies on in vLLM 0.15.1 (file:line in
 ``docs/native_lora.md``):
 
 * A worker's adapters live in ``worker.model_runner.lora_manager`` (an
@@ -53,7 +54,7 @@ ENV_SYNC_MODE = "RFT_LORA_SYNC"
 ADAPTER_NAME_PREFIX = "rft-policy-v"
 """Adapter names are this plus the sync's version: the prefix cache keys on the name."""
 IN_MEMORY_PATH_PREFIX = "rft-in-memory://"
-"""``LoRARequest.lora_path`` must be non-empty (``lora/request.py:40``); vLLM reads it only for an
+"""``LoRARequest.lora_path`` must be non-empty (``lora/request.py:37``); vLLM reads it only for an
 adapter it does not hold, and this path then fails loudly instead of loading something stale."""
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The ranks vLLM 0.15.1 accepts for ``max_lora_rank`` (``config/lora.py:25``)."""
