@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import reward_func_em
+from rft.eval_io import file_sha256
 from rft.patching import pid_running, signals_held
 
 REQUIRED_COLUMNS = (
@@ -427,15 +428,6 @@ class SourceInfo:
         if self.hub:
             out["hub"] = self.hub
         return out
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 4 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_files(spec: str, suffixes: tuple[str, ...] = (".parquet", ".jsonl"),

@@ -30,15 +30,22 @@ import shlex
 import socket
 import subprocess
 import sys
-import tempfile
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from rft.contract import ENV_FAST_GPTOSS, ENV_METRICS_DIR, ENV_SAMPLES_DIR, ENV_SPIKE_PATH
-from rft.contract import MANIFEST_ARGS, MANIFEST_PROMPT_SPEC, MANIFEST_RUN_LOGS
+from rft.contract import (
+    ENV_FAST_GPTOSS,
+    ENV_METRICS_DIR,
+    ENV_SAMPLES_DIR,
+    ENV_SPIKE_PATH,
+    MANIFEST_ARGS,
+    MANIFEST_PROMPT_SPEC,
+    MANIFEST_RUN_LOGS,
+)
+from rft.eval_io import atomic_write_text
 from rft.prompt_spec import DEFAULT_DATE, DEFAULT_EFFORT, EFFORTS, manifest_record
 
 # Packages whose versions decide what a run does (requirements-node.txt pins them).
@@ -619,20 +626,6 @@ def gpu_inventory() -> dict:
     return {"gpus": gpus}
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temp file and os.replace (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 
 
 def run_logs(env: dict[str, str | None], log_file: str) -> dict[str, str | None]:
@@ -748,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
             command = args.command[1:] if args.command[:1] == ["--"] else args.command
             if not command:
                 parser.error("manifest: give the command after --")
-            write_json_atomic(Path(args.out), build_manifest(args, command))
+            atomic_write_text(args.out, json.dumps(build_manifest(args, command), indent=2, sort_keys=True) + "\n")
     except Refusal as exc:
         print(exc, file=sys.stderr)
         return exc.code
