@@ -21,6 +21,8 @@ Trees: ``pristine_root`` is a copy of the installed openrlhf 0.9.3 and
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import types
 import uuid
@@ -133,3 +135,53 @@ def patched_root(tmp_path_factory) -> Path:
     root = oprl.pristine_copy(tmp_path_factory.mktemp("patched"))
     oprl.apply_series(root)
     return root
+
+
+@contextlib.contextmanager
+def one_process_gloo_world():
+    """A one-process gloo group on DeepSpeed's CPU accelerator, torn down whole afterwards.
+
+    What ZeRO-3 needs to partition and train in one test process. The environment it sets is put
+    back, and DeepSpeed's cached groups (``deepspeed.utils.groups``) are cleared on the way in and
+    out: they belong to the world DeepSpeed first saw, and a later world would meet groups of a
+    destroyed one ("Group ... is not registered").
+    """
+    import socket
+
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # a group some caller owns: use it as it is
+        yield
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    _forget_deepspeed_groups()
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        _forget_deepspeed_groups()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _forget_deepspeed_groups() -> None:
+    from deepspeed.utils import groups
+
+    for name, value in vars(groups).items():
+        if name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS")):
+            if isinstance(value, dict):
+                value.clear()
+            else:
+                setattr(groups, name, None)
+    groups.mesh_device = None

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import conftest
 import oprl
 from tiny_gptoss import build_tiny_gptoss, dequantize_mxfp4, mxfp4_error_bound
 
@@ -59,22 +60,8 @@ def llama_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def dist_group():
     """A one-process gloo group on DeepSpeed's CPU accelerator: what ZeRO-3 needs to partition."""
-    import deepspeed
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    if created:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        for key, value in env.items():
-            os.environ.setdefault(key, value)
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    yield
-    if created and dist.is_initialized():
-        dist.destroy_process_group()  # later tests start their own groups
+    with conftest.one_process_gloo_world():
+        yield
 
 
 @pytest.fixture

@@ -26,6 +26,8 @@ issue's bound for gradients is a relative 1e-2.
 from __future__ import annotations
 
 import pytest
+
+import conftest
 import torch
 
 from rft import fast_gptoss
@@ -365,24 +367,8 @@ def test_patched_actor_installs_the_fast_paths_only_when_asked(
 @pytest.fixture(scope="module")
 def gloo_world():
     """A one-process gloo group on DeepSpeed's CPU accelerator: what ZeRO-3 needs to partition and train."""
-    import os
-    import socket
-
-    import deepspeed
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    if created:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(port)}.items():
-            os.environ.setdefault(key, value)
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    yield
-    if created and dist.is_initialized():
-        dist.destroy_process_group()
+    with conftest.one_process_gloo_world():
+        yield
 
 
 def openrlhf_ds_configs(root) -> dict[str, dict]:

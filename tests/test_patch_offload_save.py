@@ -21,6 +21,7 @@ import sys
 import pytest
 import torch
 
+import conftest
 import oprl
 from parser_util import build_train_parser, parse_train_args
 
@@ -106,25 +107,8 @@ def test_without_offload_the_config_is_unchanged(request, root_name):
 @pytest.fixture(scope="module")
 def gloo_group():
     """A one-process gloo group, as DeepSpeed's CPU accelerator needs (reused if one exists)."""
-    import deepspeed
-    import torch.distributed as dist
-
-    if dist.is_initialized():
+    with conftest.one_process_gloo_world():
         yield
-        return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    dist.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 @pytest.fixture
