@@ -7,6 +7,11 @@ percentile or a per-prompt pass rate cannot survive that. The patch calls
 the whole batch and its rollout order (``indices``) are at hand, and the trainer merges the
 result into the step's record. Key names are those of ``rft/metrics_schema.py``.
 
+The generation KL (:mod:`rft.openrlhf.gen_kl`) is aggregated here too: each sample carries its
+own token-mean k3 in ``info["gen_kl"]`` (the ``make_experience`` hook), and this module weighs
+them by the sample's response tokens for the step's token mean and takes their max and p99, on
+the controller, over the whole batch.
+
 :func:`prompt_token_hash` names a prompt by its token ids, because prompts do not reach the
 policy actors (the replay buffer drops them): the spike log and the samples log use it.
 """
@@ -20,6 +25,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from rft.contract import PARSE_METHOD_CODES, SHARE_KEYS
+from rft.openrlhf.gen_kl import SAMPLE_KEY as GEN_KL_SAMPLE_KEY
+from rft.openrlhf.gen_kl import kl_of_sequences
 from rft.openrlhf.stats import pass_rates, quantile_linear
 
 logger = logging.getLogger(__name__)
@@ -91,6 +98,16 @@ def info_in_order(experiences: Sequence[Any], key: str, indices: torch.Tensor) -
     return ordered
 
 
+def tokens_in_order(experiences: Sequence[Any], indices: torch.Tensor) -> Optional[torch.Tensor]:
+    """Each sample's response tokens (its ``action_mask`` sum) in rollout order, as :func:`info_in_order`."""
+    counts = torch.cat([e.action_mask.detach().cpu().double().sum(-1).flatten() for e in experiences])
+    if counts.numel() != indices.numel():
+        return None
+    ordered = torch.empty_like(counts)
+    ordered[indices] = counts
+    return ordered
+
+
 def rollout_batch_metrics(
     experiences: Sequence[Any], shaped_rewards: torch.Tensor, indices: torch.Tensor, n_samples_per_prompt: int
 ) -> dict[str, float]:
@@ -140,6 +157,10 @@ def _rollout_batch_metrics(experiences, shaped_rewards, indices, n_samples_per_p
     truncated = ordered("truncated")
     if truncated is not None:
         out["truncated"] = _mean(truncated)
+    gen_kl = ordered(GEN_KL_SAMPLE_KEY)
+    tokens = tokens_in_order(experiences, indices) if gen_kl is not None else None
+    if gen_kl is not None and tokens is not None:
+        out.update(kl_of_sequences(gen_kl, tokens))
     groups = shaped_rewards.detach().reshape(-1, n).cpu()
     out.update(group_metrics(groups, correct.reshape(-1, n) if correct is not None else None))
     return out
