@@ -9,6 +9,7 @@
 #   rollout  N_SAMPLES MAX_SAMPLES WARMUP_RATIO MICRO_ROLLOUT_BATCH_SIZE PROMPT_MAX_LEN TEMPERATURE
 #   prompt   REASONING_EFFORT PROMPT_DATE (rft/prompt_spec.py; eval_posthoc.py --manifest reuses them)
 #   speed    RFT_FAST_GPTOSS RFT_FAST_GPTOSS_RESIDENT_GIB (rft/fast_gptoss.py)
+#   sync     RFT_LORA_SYNC (native|merged) RFT_LORA_PRISTINE RFT_LORA_SCRATCH_MB (docs/weight_sync.md)
 #   train    MICRO_TRAIN_BATCH_SIZE MAX_EPOCHS EPS_CLIP ENTROPY_LOSS_COEF ATTN_IMPLEMENTATION SEED
 #   eval     EVAL_STEPS EVAL_TEMPERATURE EVAL_N_SAMPLES
 #   ckpt     SAVE_STEPS MAX_CKPT_NUM
@@ -92,6 +93,10 @@ PROMPT_DATE="${PROMPT_DATE:-2025-08-05}"
 # tested against eager (tests/test_fast_gptoss.py) and timed on an H100 (bench/RESULTS.md).
 # 0 is transformers' eager path; 1 adds the ZeRO-3 parts (layer leaves, resident frozen weights).
 RFT_FAST_GPTOSS="${RFT_FAST_GPTOSS:-attention,experts}"
+# How the adapter reaches the engines: native serves it unmerged through vLLM's LoRA layers, the
+# function the trainer computes; merged writes bf16(W0 + delta) into the weights, where an update
+# under half a bf16 step of W0 is lost (most of a run at the 20b's LR; docs/weight_sync.md).
+RFT_LORA_SYNC="${RFT_LORA_SYNC:-native}"
 
 # Training. train_batch_size counts SAMPLES in OpenRLHF 0.9.3 (max_steps multiplies prompts by
 # n_samples before dividing), so a rollout of R prompts x 8 samples gives R*8/TRAIN_BATCH_SIZE updates.
@@ -530,7 +535,7 @@ rft_write_manifest() {
     --repo "$RFT_ROOT" "${flags[@]}" --submit "$submit" --log-file "$LOG_FILE" \
     --patch-rc "$PATCH_RC" --patch-status="$PATCH_STATUS" --preflight-json "$PREFLIGHT_JSON" \
     "${settings[@]}" --env METRICS_LOG_DIR --env SAMPLES_LOG_DIR --env SPIKE_LOG_PATH \
-    --env RAY_ADDRESS --env PYTHONUNBUFFERED --env HF_HOME -- "${TRAIN_CMD[@]}" ||
+    --env RAY_ADDRESS --env PYTHONUNBUFFERED --env HF_HOME --env RFT_LORA_SYNC -- "${TRAIN_CMD[@]}" ||
     rft_die "$RFT_EXIT_NOT_READY" "manifest: could not write $METRICS_LOG_DIR/run_manifest.json"
   echo "manifest: $METRICS_LOG_DIR/run_manifest.json"
 }
@@ -548,6 +553,11 @@ grpo_main() {
   rft_check_python
   rft_check_patches  # first: only the patched parser knows the flags the patches add
   rft_resolve
+  if [[ "$RFT_LORA_SYNC" == native ]]; then
+    echo "weight sync: native LoRA (vLLM serves the adapter unmerged; RFT_LORA_SYNC=merged for bf16(W0 + delta))"
+  else
+    echo "weight sync: merged (bf16(W0 + delta) in the engines' weights; RFT_LORA_SYNC=native serves the adapter)"
+  fi
   rft_check_data
   rft_check_preflight
   rft_check_disk
@@ -564,9 +574,9 @@ grpo_main() {
   fi
   local runtime_env
   # The run-log paths always; the patches' optional knobs and the HF cache settings when set.
-  export RFT_FAST_GPTOSS
+  export RFT_FAST_GPTOSS RFT_LORA_SYNC
   runtime_env="$(rft_tool runtime-env METRICS_LOG_DIR SAMPLES_LOG_DIR SPIKE_LOG_PATH PYTHONUNBUFFERED RFT_FAST_GPTOSS \
-    --optional SPIKE_GRAD_NORM SAMPLES_LOG_COUNT RFT_LORA_PRISTINE RFT_LORA_SCRATCH_MB RFT_FAST_GPTOSS_RESIDENT_GIB \
+    --optional SPIKE_GRAD_NORM SAMPLES_LOG_COUNT RFT_LORA_SYNC RFT_LORA_PRISTINE RFT_LORA_SCRATCH_MB RFT_FAST_GPTOSS_RESIDENT_GIB \
     HF_HOME HF_HUB_OFFLINE \
     PYTHONPATH RFT_CPU_STAND_INS VLLM_CPU_KVCACHE_SPACE VLLM_CPU_OMP_THREADS_BIND OMP_NUM_THREADS \
     TORCHDYNAMO_DISABLE)"

@@ -58,7 +58,13 @@ ENV_LORA_PRISTINE = "RFT_LORA_PRISTINE"
 (pinned host memory, the default) or ``gpu``."""
 ENV_LORA_SCRATCH_MB = "RFT_LORA_SCRATCH_MB"
 """Read by every vLLM worker at each LoRA sync: MiB of device memory its merge may use at once."""
-LORA_SYNC_ENV_VARS = (ENV_LORA_PRISTINE, ENV_LORA_SCRATCH_MB)
+ENV_LORA_SYNC = "RFT_LORA_SYNC"
+"""Read once in the driver when the engines are created: one of ``LORA_SYNC_MODES``;
+rft/openrlhf/native_lora.py."""
+LORA_SYNC_MODES = ("native", "merged")
+"""``native`` (the default: vLLM serves the adapter unmerged, as the trainer computes it) or
+``merged`` (bf16(W0 + delta) in the engine's weights)."""
+LORA_SYNC_ENV_VARS = (ENV_LORA_PRISTINE, ENV_LORA_SCRATCH_MB, ENV_LORA_SYNC)
 """What the launcher hands to the vLLM engines' processes for the LoRA sync."""
 
 # ------------------------------------------------------------------------ reward log keys

@@ -15,7 +15,9 @@ itself), Ray with logical GPU resources (``ray start --num-gpus``), and vLLM 0.1
 build, whose platform replaces OpenRLHF's Ray executor by its multiprocessing one.
 
 What the CPU cannot run at all, and stays covered by the GPU lane and the sync tests: NCCL,
-CUDA IPC, MXFP4 expert kernels, pinned host memory, and vLLM's Ray tensor-parallel executor.
+CUDA IPC, MXFP4 expert kernels, vLLM's Triton MoE LoRA kernels (the experts stay out of vLLM's
+LoRA wrapping here: rft's adapters are on attention only), pinned host memory, and vLLM's Ray
+tensor-parallel executor.
 """
 
 from __future__ import annotations
@@ -157,6 +159,27 @@ def ordered_gathers(ds_comm: types.ModuleType) -> None:
     ds_comm.all_gather = waiting(ds_comm.all_gather)
 
 
+def moe_left_out_of_lora(module: types.ModuleType) -> None:
+    # Replaces vLLM's MoE LoRA wrapper (FusedMoEWithLoRA) with no wrapper at all. With LoRA
+    # enabled (the native sync, rft.openrlhf.native_lora) vLLM wraps every FusedMoE in it, and its
+    # forward calls a Triton kernel that vLLM's CPU build lacks, so gpt-oss cannot start. rft's
+    # adapters target attention q/k/v/o only: the wrapper would hold no adapter weights and add
+    # nothing to the experts' output, so leaving the experts unwrapped serves the same function
+    # (vLLM's plain CPU MoE path). The manager decides what to wrap by module name
+    # (LoRAModelManager._match_target_modules, vllm/lora/model_manager.py:538); the experts are
+    # ".experts" modules. An adapter that did name them is refused by native_lora.register_adapter.
+    cls = module.LoRAModelManager
+    original = cls._match_target_modules
+    if getattr(original, "rft_stand_in", False):
+        return
+
+    def _match_target_modules(self, module_name: str) -> bool:
+        return not module_name.endswith(".experts") and original(self, module_name)
+
+    _match_target_modules.rft_stand_in = True
+    cls._match_target_modules = _match_target_modules
+
+
 def install() -> None:
     """Install every stand-in in this process (idempotent)."""
     if getattr(install, "done", False):
@@ -169,3 +192,4 @@ def install() -> None:
     after_import("openrlhf.utils.deepspeed.deepspeed")(_device_mesh)
     after_import("openrlhf.trainer.ppo_utils.replay_buffer")(_replay_buffer)
     after_import("deepspeed.comm")(ordered_gathers)
+    after_import("vllm.lora.model_manager")(moe_left_out_of_lora)

@@ -38,6 +38,8 @@ from pathlib import Path
 
 from rft.contract import (
     ENV_FAST_GPTOSS,
+    ENV_LORA_SYNC,
+    LORA_SYNC_MODES,
     ENV_METRICS_DIR,
     ENV_SAMPLES_DIR,
     ENV_SPIKE_PATH,
@@ -206,6 +208,8 @@ SETTINGS: dict[str, Rule] = {
     "LORA_RANK": Rule(int, flag="lora_rank", **POSITIVE),
     "LORA_ALPHA": Rule(int, flag="lora_alpha", **POSITIVE),
     "OFFLOAD": Rule(str, choices=("0", "1")),
+    # how the adapter reaches the engines (rft/openrlhf/native_lora.py, docs/weight_sync.md)
+    ENV_LORA_SYNC: Rule(str, choices=LORA_SYNC_MODES),
     "HOST_GIB_PER_LOAD": Rule(int, low=0),
     # optimizer; LoRA learning rates live around 1e-7..1e-3, above 1e-2 the run diverges at once
     "LR": Rule(float, low=0, high=1e-2, low_open=True, flag="actor_learning_rate"),
@@ -255,7 +259,7 @@ _UNIT = re.compile(r"\s*[+-]?[\d.]+(?:e[+-]?\d+)?\s*[a-z%]+\s*", re.I)
 
 
 EXAMPLES = {
-    "LORA_RANK": "32", "LORA_ALPHA": "64", "OFFLOAD": "1", "HOST_GIB_PER_LOAD": "41", "LR": "5e-7",
+    "LORA_RANK": "32", "LORA_ALPHA": "64", "OFFLOAD": "1", ENV_LORA_SYNC: "native", "HOST_GIB_PER_LOAD": "41", "LR": "5e-7",
     "WARMUP_RATIO": "0.01", "INIT_KL_COEF": "0.001", "EPS_CLIP": "0.1", "ENTROPY_LOSS_COEF": "0", "SEED": "42",
     "N_SAMPLES": "8", "ROLLOUT_BATCH_SIZE": "16", "TRAIN_BATCH_SIZE": "16", "MICRO_ROLLOUT_BATCH_SIZE": "8",
     "MICRO_TRAIN_BATCH_SIZE": "1", "MAX_EPOCHS": "1", "NUM_EPISODES": "20", "MAX_SAMPLES": "400",

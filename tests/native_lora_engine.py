@@ -36,26 +36,15 @@ MOE_UNWRAPPED_ENV = "RFT_TEST_MOE_LORA_UNWRAPPED"
 
 
 def leave_moe_unwrapped() -> None:
-    """Test-only stand-in for vLLM's MoE LoRA wrapper on the CPU build: no wrapper at all.
+    """The CPU run's stand-in for vLLM's MoE LoRA wrapper (``rft.cpu_stand_ins.moe_left_out_of_lora``:
+    the experts are left unwrapped, which changes nothing for an adapter on attention only).
+    Imported into every worker process with this module (the ``worker_extension_cls``), before
+    the model is loaded and wrapped."""
+    from vllm.lora import model_manager
 
-    With LoRA enabled vLLM wraps every ``FusedMoE`` in ``FusedMoEWithLoRA``, whose forward calls
-    a Triton kernel the CPU build lacks. rft's adapters target attention only, for which that
-    wrapper would add nothing, so the manager is made to skip the experts
-    (``LoRAModelManager._match_target_modules``, ``vllm/lora/model_manager.py:538``) and they run
-    vLLM's plain CPU MoE path. Imported into every worker process with this module (the
-    ``worker_extension_cls``), before the model is loaded and wrapped.
-    """
-    from vllm.lora.model_manager import LoRAModelManager
+    from rft.cpu_stand_ins import moe_left_out_of_lora
 
-    original = LoRAModelManager._match_target_modules
-    if getattr(original, "rft_stand_in", False):
-        return
-
-    def match(self, module_name: str) -> bool:
-        return not module_name.endswith(".experts") and original(self, module_name)
-
-    match.rft_stand_in = True
-    LoRAModelManager._match_target_modules = match
+    moe_left_out_of_lora(model_manager)
 
 
 if os.environ.get(MOE_UNWRAPPED_ENV) == "1":

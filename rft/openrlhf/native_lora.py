@@ -36,20 +36,27 @@ adapter may carry per-module scales.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
+from rft.contract import ENV_LORA_SYNC, LORA_SYNC_MODES
 from rft.openrlhf.lora_sync import LORA_PAYLOAD_FORMAT, unpack_tensors
 
-SYNC_MODES = ("native", "merged")
+SYNC_MODES = LORA_SYNC_MODES
 """How the policy's adapter reaches the engines: served unmerged by vLLM's LoRA layers
 (``native``, the default) or merged into the bf16 weights (``merged``, :mod:`vllm_lora_delta`)."""
-DEFAULT_SYNC_MODE = "native"
-ENV_SYNC_MODE = "RFT_LORA_SYNC"
-"""The one setting that picks the sync mode (read by the launcher and the engines)."""
+DEFAULT_SYNC_MODE = SYNC_MODES[0]
+ENV_SYNC_MODE = ENV_LORA_SYNC
+"""The one setting that picks the sync mode (checked by the launcher, read once in the driver
+by :func:`engine_kwargs`; an engine then knows its mode from how it was started)."""
+ROLLOUT_LOGPROBS_MODE = "processed_logprobs"
+"""What the engines return as each sampled token's log-prob: after temperature and top-p/k, the
+distribution they sampled from (``LogprobsMode``, ``vllm/config/model.py:82-84``). The
+generation-vs-training KL compares it with the trainer's log-probs at the same temperature."""
 
 ADAPTER_NAME_PREFIX = "rft-policy-v"
 """Adapter names are this plus the sync's version: the prefix cache keys on the name."""
@@ -69,6 +76,26 @@ def sync_mode(value: str | None) -> str:
     if mode not in SYNC_MODES:
         raise ValueError(f"{ENV_SYNC_MODE}={value!r}: use one of {', '.join(SYNC_MODES)} (default {DEFAULT_SYNC_MODE})")
     return mode
+
+
+def configured_mode(environ: dict[str, str] | None = None) -> str:
+    """The run's sync mode, from ``RFT_LORA_SYNC`` in ``environ`` (default: this process's)."""
+    return sync_mode((os.environ if environ is None else environ).get(ENV_SYNC_MODE))
+
+
+def engine_kwargs(lora_rank: int, mode: str | None = None) -> dict[str, Any]:
+    """``create_vllm_engines``' hook: what every engine of the run is started with beyond 0.9.3's.
+
+    Every engine returns its sampled tokens' log-probs after temperature (``logprobs_mode``,
+    ``max_logprobs=1``; 0.9.3 asks for them only with ``--enable_vllm_is_correction``) for the
+    engine-vs-trainer KL. With a LoRA policy in native mode (``mode`` None: ``RFT_LORA_SYNC``)
+    the engine also starts with LoRA enabled at the run's rank; in merged mode, or without LoRA,
+    the engine is the one 0.9.3 starts.
+    """
+    kwargs: dict[str, Any] = {"logprobs_mode": ROLLOUT_LOGPROBS_MODE, "max_logprobs": 1}
+    if lora_rank and lora_rank > 0 and (mode or configured_mode()) == "native":
+        kwargs.update(engine_lora_kwargs(lora_rank))
+    return kwargs
 
 
 def engine_lora_kwargs(lora_rank: int, keep_previous: bool = False) -> dict[str, Any]:
@@ -307,14 +334,35 @@ class NativeLoraEngine:
     :attr:`request` is what every rollout request must carry afterwards.
     """
 
-    def __init__(self, keep_previous: bool = False):
+    def __init__(self, keep_previous: bool = False, enabled: bool = True):
         self.version: int | None = None
         self.keep_previous = keep_previous
+        self.enabled = enabled
+
+    @classmethod
+    def for_engine(cls, engine_kwargs: dict[str, Any]) -> NativeLoraEngine:
+        """``LLMRayActor.__init__``'s hook: native when the engine was started with LoRA
+        (:func:`engine_kwargs` decided it in the driver), else a disabled state that serves the
+        base weights and leaves the sync to the merged path."""
+        return cls(keep_previous=int(engine_kwargs.get("max_loras") or 1) > 1, enabled=bool(engine_kwargs.get("enable_lora")))
 
     @property
     def request(self) -> Any:
-        """The ``LoRARequest`` for the current adapter (None before the first sync)."""
-        return lora_request_for(self.version)
+        """The ``LoRARequest`` for the current adapter (None before the first sync, and always in
+        merged mode)."""
+        return lora_request_for(self.version) if self.enabled else None
+
+    async def sync(self, llm: Any, spec: dict, payload: Any = None) -> Evidence:
+        """``LLMRayActor.apply_lora_update``'s hook: the native sync when the engine serves LoRA,
+        else the merged one (:func:`rft.openrlhf.vllm_lora_delta.apply_lora_update`, unchanged).
+        Both return the same evidence keys, so the trainer's ``lora_sync_metrics`` reads either."""
+        if self.enabled:
+            evidence = await self.update(llm, spec, payload)
+            print(f"rft weight sync: native LoRA, serving {adapter_name(int(evidence['lora_id']))}", flush=True)
+            return evidence
+        from rft.openrlhf.vllm_lora_delta import apply_lora_update
+
+        return await apply_lora_update(llm, spec, payload)
 
     async def update(self, llm: Any, spec: dict, payload: Any = None) -> Evidence:
         """Load ``payload`` as the next version on every worker of ``llm`` (an ``AsyncLLMEngine``).
