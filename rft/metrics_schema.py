@@ -8,7 +8,8 @@ Sources: ``experience`` = computed by the trainer over the whole rollout batch;
 ``actor`` = the policy ranks, combined exactly across ranks once per global step;
 ``actor-mean`` = OpenRLHF's own status value, mean over micro-steps and ranks;
 ``trainer`` = the single controller; ``sync`` = ``broadcast_to_vllm`` of the first policy
-rank; ``eval`` = held-out evaluation (eval steps only).
+rank; ``eval`` = held-out evaluation (eval steps only); ``derived`` = computed by
+``check_run.py`` from other keys of the same record when the trainer did not write it.
 """
 
 from __future__ import annotations
@@ -94,6 +95,20 @@ METRICS: tuple[Metric, ...] = (
     ),
     _m("pass_at_1", "share", "experience", "Mean over prompts of the share of correct samples (batch pass@1)."),
     _m("pass_at_all", "share", "experience", "Share of prompts with at least one correct sample (batch pass@n)."),
+    _m(
+        "gen_kl",
+        "nats",
+        "experience",
+        "Generation KL: k3 estimate of the KL from the engine's policy to the trainer's on the engine's sampled tokens (vLLM's log-probs "
+        "against the policy's old log-probs), token mean over the step. Warn > 0.002, stop advice > 0.02 sustained.",
+    ),
+    _m("gen_kl_seq_max", "nats", "experience", "Largest per-sequence token mean of the generation KL in the step."),
+    _m(
+        "gen_kl_seq_p99",
+        "nats",
+        "experience",
+        "99th percentile (linear interpolation) of the per-sequence generation KL over the step's sequences.",
+    ),
     # actor, exact per step
     _m("advantage_mean", "advantage", "actor", "Mean advantage over all action tokens of the step."),
     _m("advantage_std", "advantage", "actor", "Standard deviation of the advantage over all action tokens."),
@@ -146,6 +161,13 @@ METRICS: tuple[Metric, ...] = (
     _m("sync_apply_s", "s", "sync", "Applying the update on the slowest tensor-parallel worker."),
     _m("sync_delta_norm", "L2 norm", "sync", "Norm of the change of the served weights (mean over engines)."),
     _m("sync_target_norm", "L2 norm", "sync", "Norm of the intended adapter delta (scale * B @ A); compare with sync_delta_norm."),
+    _m(
+        "sync_served_share",
+        "share",
+        "derived",
+        "sync_delta_norm / sync_target_norm: the share of the intended adapter update the engines serve "
+        "(about 1 native; far from 1 merged while updates are small). Warn outside [0.9, 1/0.9].",
+    ),
     _m("sync_changed_frac", "share", "sync", "Share of the adapted bf16 weight entries that changed (0 after the first steps: sync broken)."),
     # eval
     _m("eval/temperature", "temperature", "eval", "Sampling temperature of the eval (0 = greedy)."),

@@ -33,6 +33,7 @@ from rft.contract import (
     SPIKE_FILE,
 )
 from rft.contract import MANIFEST_ARGS, MANIFEST_RUN_LOGS
+from rft.policy_drift import GEN_KL_STOP, GEN_KL_SUSTAINED, GEN_KL_WARN, SERVED_SHARE_WARN, gen_kl_verdict, served_share
 
 __all__ = ["METRICS_FILE", "SPIKE_FILE", "RunPaths", "Run", "load_run", "evaluate_run", "write_dashboard"]
 
@@ -87,9 +88,31 @@ class Run:
                 out.append((int(r["global_step"]), float(v)))
         return out
 
+    def served_share(self) -> list[tuple[int, float]]:
+        """(global_step, sync_served_share) of every record: the logged value, else derived from
+        ``sync_delta_norm`` / ``sync_target_norm`` of the same record (finite values only)."""
+        out = []
+        for r in self.records:
+            value = r.get("sync_served_share")
+            if not _number(value):
+                delta, target = r.get("sync_delta_norm"), r.get("sync_target_norm")
+                if not (_number(delta) and _number(target) and math.isfinite(delta) and math.isfinite(target)):
+                    continue
+                try:
+                    value = served_share(float(delta), float(target))
+                except ValueError:
+                    continue
+            if math.isfinite(value):
+                out.append((int(r["global_step"]), float(value)))
+        return out
+
     def eval_keys(self) -> list[str]:
         """Held-out pass@1 keys (``eval/{dataset}/{mode}_pass@1``) present in the run."""
         return sorted({k for r in self.records for k in r if k.startswith("eval/") and k.endswith("_pass@1")})
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -720,6 +743,62 @@ def check_reward_hacking(run: Run, th: Thresholds) -> Verdict:
     return Verdict("high_reward_but_wrong", OK, f"{last:.1%}")
 
 
+def check_gen_kl(run: Run, th: Thresholds) -> Verdict:
+    """The engines must sample from the policy the trainer holds (limits: :mod:`rft.policy_drift`)."""
+    s = run.series("gen_kl")
+    if not s:
+        return Verdict("generation KL", NA, "no gen_kl in the records (metrics_experience.patch logs it)")
+    values = [v for _, v in s]
+    level = gen_kl_verdict(values)
+    worst = max(run.series("gen_kl_seq_max") or s, key=lambda x: x[1])
+    detail = f"{values[-1]:.2g} at step {s[-1][0]} (worst sequence {worst[1]:.2g} at step {worst[0]})"
+    if level == STOP:
+        return Verdict(
+            "generation KL",
+            STOP,
+            f"> {GEN_KL_STOP:g} on the last {GEN_KL_SUSTAINED} steps: " + detail,
+            "rollouts are off-policy (merged bf16 sync rounding, a failed sync, or engine and trainer computing "
+            "different functions): serve the adapter natively (RFT_LORA_SYNC=native) or compare both modes; "
+            "--enable_vllm_is_correction only reweights what was sampled",
+        )
+    if level == WARN:
+        return Verdict(
+            "generation KL",
+            WARN,
+            f"> {GEN_KL_WARN:g} (NeMo-RL's gpt-oss release gate): " + detail,
+            "the engines' policy drifts from the trainer's: check the sync mode in run_manifest.json and "
+            "sync_served_share; watch whether it keeps rising",
+        )
+    return Verdict("generation KL", OK, detail)
+
+
+def check_served_share(run: Run, th: Thresholds) -> Verdict:
+    """The engines should serve the whole intended update; the merged bf16 sync loses small ones."""
+    s = run.served_share()
+    if not s:
+        return Verdict("served update", NA, "no sync_delta_norm and sync_target_norm in the records")
+    last = _mean(_tail(s, th.window))
+    high = 1.0 / SERVED_SHARE_WARN
+    detail = f"engines serve {last:.0%} of the intended update (mean of the last {min(th.window, len(s))} syncs)"
+    if last < SERVED_SHARE_WARN:
+        return Verdict(
+            "served update",
+            WARN,
+            detail + f" (< {SERVED_SHARE_WARN:.0%})",
+            "bf16 rounding of the merged weights drops small updates: serve the adapter natively "
+            "(RFT_LORA_SYNC=native) and watch gen_kl",
+        )
+    if last > high:
+        return Verdict(
+            "served update",
+            WARN,
+            detail + f" (> {high:.0%}: rounding noise, not the update)",
+            "bf16 rounding of the merged weights moves entries the update did not: serve the adapter natively "
+            "(RFT_LORA_SYNC=native) and watch gen_kl",
+        )
+    return Verdict("served update", OK, detail)
+
+
 CHECKS = (
     check_files,
     check_nonfinite,
@@ -735,6 +814,8 @@ CHECKS = (
     check_length,
     check_reward_hacking,
     check_reward_failures,
+    check_gen_kl,
+    check_served_share,
 )
 
 
@@ -758,6 +839,8 @@ CHECK_KEYS = {
     "response length": "response_length",
     "high_reward_but_wrong": "high_reward_but_wrong",
     "reward failures": "reward_failures_count",
+    "generation KL": "gen_kl",
+    "served update": "sync_delta_norm",
 }
 """The key each check reads: a check whose key went NaN lately cannot say ok."""
 
@@ -815,6 +898,7 @@ PANELS = (
     ("update size", ("ppo_clip_ratio", "ppo_kl", "advantage_std")),
     ("ratio tails", ("log_ratio_abs_p99", "log_ratio_max")),
     ("policy loss", ("policy_loss",)),
+    ("engine vs trainer: generation KL (nats)", ("gen_kl", "gen_kl_seq_p99", "gen_kl_seq_max")),
 )
 
 
@@ -906,7 +990,10 @@ def draw_dashboard(run: Run, verdicts: list[Verdict] | None = None, th: Threshol
 
     th = effective_thresholds(run, th)
     marks = dashboard_marks(run, verdicts, th)
-    fig, axes = plt.subplots(3, 3, figsize=(18, 13))
+    rows = -(-(len(PANELS) + 1) // 3)  # the panels and the eval panel, three a row
+    fig, axes = plt.subplots(rows, 3, figsize=(18, 4.4 * rows))
+    for ax in axes.flat[len(PANELS) + 1 :]:
+        ax.set_visible(False)
     for ax, (title, keys) in zip(axes.flat, PANELS):
         index = 0
         for key in keys:
@@ -932,13 +1019,18 @@ def draw_dashboard(run: Run, verdicts: list[Verdict] | None = None, th: Threshol
             spikes = [(x, y) for x, y in spikes if isinstance(x, (int, float)) and isinstance(y, (int, float))]
             if spikes:
                 ax.plot([x for x, _ in spikes], [y for _, y in spikes], "rx", ms=10, mew=2, ls="", label="spike log")
+        if title.startswith("engine vs trainer") and run.series("gen_kl"):
+            ax.axhline(GEN_KL_WARN, color="darkorange", ls=":", lw=1.2, label=f"warn {GEN_KL_WARN:g}")
+            ax.axhline(GEN_KL_STOP, color="red", ls=":", lw=1.2, label=f"stop {GEN_KL_STOP:g} (sustained)")
+            if any(y > 0 for _, y in run.series("gen_kl")):
+                ax.set_yscale("log")
         _mark_steps(ax, marks)
         ax.set_title(title, fontsize=12)
         ax.set_xlabel("global step")
         if ax.lines:
             ax.legend(fontsize=LEGEND_FONT, framealpha=0.85)
         ax.grid(alpha=0.3)
-    ax = axes.flat[-1]
+    ax = axes.flat[len(PANELS)]
     for index, key in enumerate(run.eval_keys()):
         _plot_curve(ax, run.series(key), key, index)
     _mark_steps(ax, marks)

@@ -24,6 +24,8 @@ EXPECTED = {
     "runaway_truncation": (2, {"truncation": "stop"}),
     "eval_divergence": (2, {"held-out eval": "stop"}),
     "diverged": (2, {"non-finite values": "stop"}),  # grad_norm and entropy must not say ok
+    "off_policy": (2, {"generation KL": "stop", "served update": "warn"}),
+    "gen_kl_drift": (1, {"generation KL": "warn"}),  # one spike above 0.02 is not sustained
 }
 
 

@@ -13,11 +13,8 @@ logs the same quantity as ``gen_kl_error`` (token mean; ``nemo_rl/algorithms/los
   (metrics_experience.patch), where the engine's log-probs (``rollout_log_probs``) meet the
   trainer's old ones; :func:`kl_of_sequences` then aggregates the whole step exactly
   (``rollout_stats``), on the controller, so no max or p99 is ever averaged across ranks;
-* :func:`served_share`: the share of the intended update the engines serve, from the norms the
-  sync already reports (``sync_delta_norm`` / ``sync_target_norm``);
-* :func:`gen_kl_verdict`: the verdict ``check_run.py`` gives a run's series.
-
-The thresholds are named constants with their reasons below.
+* :func:`served_share`, :func:`gen_kl_verdict` and the thresholds with their reasons live in
+  :mod:`rft.policy_drift` (no torch there: ``check_run.py`` reads them) and are named here too.
 """
 
 from __future__ import annotations
@@ -30,6 +27,14 @@ from typing import Optional
 import torch
 
 from rft.openrlhf.stats import quantile_linear
+from rft.policy_drift import (  # noqa: F401 - the limits and verdicts live where check_run.py reads them
+    GEN_KL_STOP,
+    GEN_KL_SUSTAINED,
+    GEN_KL_WARN,
+    SERVED_SHARE_WARN,
+    gen_kl_verdict,
+    served_share,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,20 +50,6 @@ ROLLOUT_LOGPROBS = 1
 LOG_RATIO_CLAMP = 20.0
 """``|log r|`` is clamped here before ``exp``: a token the engine gave probability 0 (log-prob
 -inf) must show as a huge KL, not as inf or NaN that would hide every other step's value."""
-GEN_KL_WARN = 0.002
-"""Warn above this token mean: NeMo-RL's gpt-oss-20b release test requires a mean generation KL
-under 0.002, and native adapters measured a mean of 0.002 (max 0.0028) in its A/B (NeMo-RL #3964)."""
-GEN_KL_STOP = 0.02
-"""Advise stopping when the token mean stays above this: in that A/B the merged sync had a mean
-of 0.051 with 14 of 50 steps above 0.02, and prime-rl's merge bar is 0.015; past it the ratios
-correct a different policy than the one sampled."""
-GEN_KL_SUSTAINED = 5
-"""Consecutive steps above :data:`GEN_KL_STOP` that make it sustained (one spike is not)."""
-SERVED_SHARE_WARN = 0.9
-"""Warn when the engines serve less than this share of the intended update: native LoRA serves
-about 1 (only A and B are rounded to bf16), the merged sync far less while updates are small."""
-
-
 def sequence_k3(
     engine_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, action_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,32 +120,3 @@ def generation_kl(
     """
     sums, tokens = sequence_k3(engine_logprobs, trainer_logprobs, action_mask)
     return kl_of_sequences(sums / tokens.clamp(min=1), tokens)
-
-
-def served_share(delta_norm: float, target_norm: float) -> float:
-    """The share of the intended update the engines serve: ``|served change| / |intended change|``.
-
-    From the sync's ``sync_delta_norm`` and ``sync_target_norm``. An update of zero is served
-    whole (1.0). In merged mode rounding can also move entries the update barely touched, so
-    the ratio can exceed the share that points the right way; below 1 it is the lost part.
-    """
-    if target_norm < 0 or delta_norm < 0 or math.isnan(target_norm) or math.isnan(delta_norm):
-        raise ValueError(f"served_share: norms must be non-negative numbers, got {delta_norm} and {target_norm}")
-    if target_norm == 0:
-        return 1.0 if delta_norm == 0 else math.inf
-    return delta_norm / target_norm
-
-
-def gen_kl_verdict(series: Sequence[float]) -> str:
-    """``ok``, ``warn`` or ``stop`` for a run's per-step ``gen_kl`` (NaN steps are skipped).
-
-    ``stop`` when the last :data:`GEN_KL_SUSTAINED` values are all above :data:`GEN_KL_STOP`;
-    ``warn`` when the last value is above :data:`GEN_KL_WARN`.
-    """
-    values = [v for v in series if not math.isnan(v)]
-    if not values:
-        return "ok"
-    tail = values[-GEN_KL_SUSTAINED:]
-    if len(tail) == GEN_KL_SUSTAINED and min(tail) > GEN_KL_STOP:
-        return "stop"
-    return "warn" if values[-1] > GEN_KL_WARN else "ok"
