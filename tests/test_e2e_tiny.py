@@ -17,6 +17,10 @@ OpenRLHF, flash-attn's kernels, gloo's out-of-order gathers). What the CPU canno
 platform replaces by its multiprocessing one) is covered by ``tests/test_lora_sync.py``, the
 GPU lane and ``tests/tp_emulation.py``.
 
+The run uses the weight sync the environment picks (``RFT_LORA_SYNC``, default ``native``: vLLM
+serves the adapter unmerged), and the checks follow the mode its manifest records;
+``RFT_LORA_SYNC=merged bash tests/run.sh tests/test_e2e_tiny.py`` runs the merged sync instead.
+
 Run it alone: ``bash tests/run.sh tests/test_e2e_tiny.py`` (about 5 minutes on two cores).
 """
 
@@ -36,6 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from rft import metrics_schema  # noqa: E402
+from rft.contract import ENV_LORA_SYNC  # noqa: E402
+from rft.openrlhf import native_lora  # noqa: E402
 from rft import tiny  # noqa: E402
 from rft.prompt_spec import PromptSpec, render  # noqa: E402
 
@@ -69,6 +75,13 @@ class Run:
         self.ckpt_dir = root / "run" / "rft_checkpoints" / RUN_NAME
         self.save_dir = root / "run" / "rft_output" / RUN_NAME
         self.model_dir = root / "model"
+
+    def manifest(self) -> dict:
+        return json.loads((self.metrics_dir / "run_manifest.json").read_text())
+
+    def sync_mode(self) -> str:
+        """The weight sync the run used, as its manifest recorded the launcher's setting."""
+        return native_lora.sync_mode(self.manifest()["env"][ENV_LORA_SYNC])
 
     def records(self) -> list[dict]:
         return [json.loads(line) for line in (self.metrics_dir / "training_metrics.jsonl").read_text().splitlines()]
@@ -143,13 +156,31 @@ def test_one_valid_record_per_step(run):
     assert max(r["kl"] for r in records[1:]) > 1e-3
 
 
+def test_the_run_used_the_sync_mode_it_was_given(run):
+    expected = native_lora.sync_mode(os.environ.get(ENV_LORA_SYNC))  # unset: the default, native
+    assert run.sync_mode() == expected
+    label = "native LoRA" if expected == "native" else "merged"
+    assert f"weight sync: {label} (" in run.output
+
+
 def test_the_engines_serve_the_update_the_trainer_made(run):
     records = run.records()
     for record in records:
-        # The engine's own measure of W - W0 over its shards against the fp32 intent: bf16 keeps
-        # an update of this size (the sync's lost share is the difference).
+        # The engine's own measure of what it serves against the fp32 intent: in merged mode
+        # W - W0 over its shards (bf16 keeps an update of this size; the lost share is the
+        # difference), in native mode the product of the bf16 A and scale * B it holds.
         assert record["sync_changed_frac"] > 0.5
         assert record["sync_delta_norm"] == pytest.approx(record["sync_target_norm"], rel=0.02)
+    served = [line for line in run.output.splitlines() if "rft weight sync: native LoRA, serving" in line]
+    if run.sync_mode() == "native":
+        # Every sync loaded the adapter under a new name, the one every later rollout request
+        # named; the reward test below shows the engine sampled from it (the base cannot learn).
+        assert all(r["sync_changed_frac"] == 1.0 for r in records)
+        names = [line.rsplit(" ", 1)[-1] for line in served]
+        assert names == [native_lora.adapter_name(v) for v in range(1, len(names) + 1)], served
+        assert len(names) >= len(records) - 1, (len(names), len(records))
+    else:
+        assert served == []
 
 
 def test_samples_and_learning_log(run):
@@ -264,10 +295,16 @@ def test_served_shards_equal_the_saved_adapter_merged(run, tmp_path):
         assert shard["differing"] == 0, shard
     # The adapter moved the served weights (a zero adapter would pass the equality above too).
     assert all(e["changed"] > 0 for e in report["evidence"]), report["evidence"]
-    # The run's own engine reported the same served change at the last sync.
+    # The run's own engine reported the same served change at the last sync: the merged W - W0
+    # in merged mode; in native mode the adapter's own product (bf16 A and scale * B), which
+    # equals the fp32 intent to bf16's relative precision and which no merge rounds away.
     last = run.records()[-1]
-    served_norm = sum(e["delta_sq"] for e in report["evidence"]) ** 0.5
-    assert served_norm == pytest.approx(last["sync_delta_norm"], rel=1e-3)
+    if run.sync_mode() == "merged":
+        served_norm = sum(e["delta_sq"] for e in report["evidence"]) ** 0.5
+        assert served_norm == pytest.approx(last["sync_delta_norm"], rel=1e-3)
+    else:
+        target_norm = report["evidence"][0]["target_sq"] ** 0.5
+        assert target_norm == pytest.approx(last["sync_delta_norm"], rel=1e-2)
 
 
 def test_check_run_gives_a_verdict(run):

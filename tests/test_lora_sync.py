@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 import time
 import types
 
@@ -36,7 +37,7 @@ import torch
 
 import oprl
 import tp_emulation as emu
-from rft.openrlhf import lora_sync
+from rft.openrlhf import lora_sync, native_lora
 from rft.openrlhf import vllm_lora_delta
 
 TINY = {"layers": 2, "hidden": 64, "heads": 8, "kv_heads": 2, "head_dim": 8}
@@ -55,10 +56,14 @@ def engine_mod(patched_root, vllm_stub):
     return oprl.load(patched_root, "openrlhf.trainer.ray.vllm_engine")
 
 
-def engine_call(engine_mod, method: str, llm, *args):
-    """Run a method of the patched ``LLMRayActor`` (the class behind ``@ray.remote``) on ``llm``."""
+def engine_call(engine_mod, method: str, llm, *args, engine_kwargs=None):
+    """Run a method of the patched ``LLMRayActor`` (the class behind ``@ray.remote``) on ``llm``.
+
+    The actor's native-LoRA state is built as its patched ``__init__`` builds it from the engine's
+    arguments: ``engine_kwargs`` None is an engine started without LoRA (the merged sync)."""
     fn = getattr(engine_mod.LLMRayActor.__ray_metadata__.modified_class, method)
-    return asyncio.run(fn(types.SimpleNamespace(llm=llm), *args))
+    actor = types.SimpleNamespace(llm=llm, native_lora=native_lora.NativeLoraEngine.for_engine(engine_kwargs or {}))
+    return asyncio.run(fn(actor, *args))
 
 
 def random_adapter(geo, targets, rank=4, seed=0, scale=2.0, magnitude=1.0, device="cpu"):
@@ -604,3 +609,114 @@ def test_bench_smoke_reports_exact_merges(tmp_path, monkeypatch):
     # two syncs ran (a first and one steady one): the steady sync's total holds the sleep, within main's time
     assert transfer_sleep <= result["total_s"] <= wall - transfer_sleep
     assert (tmp_path / "sync.png").exists()
+
+
+# ----------------------------------------------------------------------------- native or merged, per run
+class _RecordingActor:
+    """Stands in for ``LLMRayActor`` behind Ray: records the arguments each engine is created with."""
+
+    def __init__(self):
+        self.created: list[dict] = []
+
+    def options(self, **_):
+        return self
+
+    def remote(self, **kwargs):
+        self.created.append(kwargs)
+        return kwargs
+
+
+def _create_engines(engine_mod, monkeypatch, lora_rank: int) -> list[dict]:
+    actor = _RecordingActor()
+    monkeypatch.setattr(engine_mod, "LLMRayActor", actor)
+    monkeypatch.setattr(engine_mod, "placement_group", lambda bundles, strategy: types.SimpleNamespace(ready=lambda: None))
+    monkeypatch.setattr(engine_mod, "PlacementGroupSchedulingStrategy", lambda **kw: kw)
+    monkeypatch.setattr(engine_mod.ray, "get", lambda ref: ref)
+    engine_mod.create_vllm_engines(2, 1, "/m", 0, False, False, True, 256, lora_rank=lora_rank)
+    return actor.created
+
+
+@pytest.mark.parametrize("mode", ["native", "merged", None])
+def test_engines_start_with_lora_only_in_native_mode_and_always_return_logprobs(engine_mod, monkeypatch, mode):
+    """``create_vllm_engines`` reads ``RFT_LORA_SYNC`` (unset: native) and starts every engine with
+    LoRA at the run's rank (8 is a rank vLLM takes) only in native mode; every engine returns its
+    sampled tokens' processed log-probs, which 0.9.3 asks for only with IS correction."""
+    if mode is None:
+        monkeypatch.delenv("RFT_LORA_SYNC", raising=False)
+    else:
+        monkeypatch.setenv("RFT_LORA_SYNC", mode)
+    created = _create_engines(engine_mod, monkeypatch, lora_rank=8)
+    assert len(created) == 2
+    for kwargs in created:
+        assert kwargs["logprobs_mode"] == "processed_logprobs" and kwargs["max_logprobs"] == 1
+        lora = {k: kwargs.get(k) for k in ("enable_lora", "max_lora_rank", "max_loras", "max_cpu_loras")}
+        if mode == "merged":
+            assert lora == dict.fromkeys(lora), lora
+        else:
+            assert lora == {"enable_lora": True, "max_lora_rank": 8, "max_loras": 1, "max_cpu_loras": 2}
+    monkeypatch.setenv("RFT_LORA_SYNC", "native")
+    assert "enable_lora" not in _create_engines(engine_mod, monkeypatch, lora_rank=0)[0]  # no LoRA policy
+
+
+def test_the_trainer_hands_the_engines_its_lora_rank(patched_root):
+    """``train()`` passes ``--lora_rank`` to ``create_vllm_engines`` (0.9.3 passes nothing of LoRA)."""
+    import ast
+
+    source = (patched_root / "openrlhf" / "cli" / "train_ppo_ray.py").read_text()
+    calls = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "create_vllm_engines"]
+    assert len(calls) == 1
+    assert {k.arg: ast.unparse(k.value) for k in calls[0].keywords}.get("lora_rank") == "args.lora_rank"
+
+
+class _LoraRequestBoundary:
+    """vLLM's ``LoRARequest`` at the import boundary: what a request names."""
+
+    def __init__(self, lora_name, lora_int_id, lora_path):
+        self.lora_name, self.lora_int_id, self.lora_path = lora_name, lora_int_id, lora_path
+
+
+class _NativeLLM:
+    """Stands in for the engine client: TP workers answering ``load_lora_native``, and ``generate``
+    recording the adapter each request names."""
+
+    def __init__(self):
+        self.calls, self.requests = [], []
+
+    async def collective_rpc(self, method, args=()):
+        self.calls.append(method)
+        row = {"lora_id": args[2], "tensors": 4, "modules": 2, "rank": 4, "target_sq": 4.0, "served_sq": 4.0,
+               "unpack_s": 0.0, "apply_s": 0.0}
+        return [row, row]
+
+    async def reset_prefix_cache(self):
+        self.calls.append("reset_prefix_cache")
+
+    async def generate(self, prompt, sampling_params, request_id, lora_request=None):
+        self.requests.append(lora_request)
+        yield "output"
+
+
+def test_native_engine_syncs_natively_and_every_request_names_the_new_adapter(engine_mod, monkeypatch):
+    request_mod = types.ModuleType("vllm.lora.request")
+    request_mod.LoRARequest = _LoraRequestBoundary
+    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", request_mod)
+    cls = engine_mod.LLMRayActor.__ray_metadata__.modified_class
+    llm = _NativeLLM()
+    actor = types.SimpleNamespace(llm=llm, native_lora=native_lora.NativeLoraEngine.for_engine(native_lora.engine_lora_kwargs(8)))
+    assert asyncio.run(cls.generate(actor, [1, 2], {})) == "output"
+    for _ in range(2):
+        evidence = asyncio.run(cls.apply_lora_update(actor, {"format": "f"}, b"\x00" * 8))
+    assert asyncio.run(cls.generate(actor, [1, 2], {})) == "output"
+    assert llm.calls == ["load_lora_native"] * 2  # no merge, no prefix-cache reset: the name changed
+    assert evidence["lora_id"] == 2 and evidence["delta_norm"] == 2.0
+    assert llm.requests[0] is None  # before the first sync: the base, as PEFT's B = 0 adapter is
+    assert (llm.requests[1].lora_name, llm.requests[1].lora_int_id) == ("rft-policy-v2", 2)
+
+
+def test_merged_engine_names_no_adapter(engine_mod):
+    cls = engine_mod.LLMRayActor.__ray_metadata__.modified_class
+    llm = _NativeLLM()
+    actor = types.SimpleNamespace(llm=llm, native_lora=native_lora.NativeLoraEngine.for_engine({}))
+    asyncio.run(cls.generate(actor, [1], {}))
+    assert llm.requests == [None]
