@@ -138,6 +138,57 @@ def test_spikes_of_steps_a_resumed_run_rewrote_are_not_reported(tmp_path):
     assert sorted(s["global_step"] for s in run.spikes) == [5, 12, 31]
 
 
+def test_generation_kl_verdicts_name_the_numbers_and_the_limits():
+    th = run_health.Thresholds()
+    off = run_health.Run(synthetic_runs.records("off_policy")[0])
+    verdict = run_health.check_gen_kl(off, th)
+    assert verdict.level == "stop" and "> 0.02 on the last 5 steps" in verdict.detail
+    assert "worst sequence 0.45 at step 10" in verdict.detail and "RFT_LORA_SYNC=native" in verdict.action
+    drift = run_health.Run(synthetic_runs.records("gen_kl_drift")[0])
+    verdict = run_health.check_gen_kl(drift, th)
+    assert verdict.level == "warn" and "0.004 at step 30" in verdict.detail and "worst sequence 1.4 at step 15" in verdict.detail
+    # the spike alone, followed by healthy steps, leaves the run ok
+    assert run_health.check_gen_kl(run_health.Run(drift.records[:20]), th).level == "ok"
+    assert run_health.check_gen_kl(run_health.Run([{"global_step": 1}]), th).level == "n/a"
+
+
+@pytest.mark.parametrize(
+    ("delta", "target", "logged", "level", "share"),
+    [
+        (0.998, 1.0, None, "ok", 0.998),
+        (1 / 6, 1.0, None, "warn", 1 / 6),  # the merged sync lost most of a small update
+        (1.5, 1.0, None, "warn", 1.5),  # rounding moved more than the update: not the update either
+        (0.0, 0.0, None, "ok", 1.0),  # nothing intended, nothing lost
+        (0.2, 1.0, 1.0, "ok", 1.0),  # a value the trainer wrote wins over the derived one
+        (None, None, None, "n/a", None),
+    ],
+)
+def test_served_share_from_the_sync_norms(delta, target, logged, level, share):
+    rows = []
+    for step in range(1, 5):
+        row = {"global_step": step}
+        if delta is not None:
+            row.update(sync_delta_norm=delta, sync_target_norm=target)
+        if logged is not None:
+            row["sync_served_share"] = logged
+        rows.append(row)
+    run = run_health.Run(rows)
+    assert run_health.check_served_share(run, run_health.Thresholds()).level == level
+    assert [v for _, v in run.served_share()] == ([] if share is None else [pytest.approx(share)] * 4)
+
+
+def test_dashboard_draws_the_generation_kl_with_its_limits(tmp_path):
+    run = run_health.load_run(synthetic_runs.write_run(tmp_path, "off_policy"))
+    fig = run_health.draw_dashboard(run, run_health.evaluate_run(run))
+    panel = next(ax for ax in fig.axes if ax.get_title().startswith("engine vs trainer"))
+    labels = [line.get_label() for line in panel.get_lines()]
+    assert {"gen_kl", "gen_kl_seq_p99", "gen_kl_seq_max", "warn 0.002", "stop 0.02 (sustained)"} <= set(labels)
+    assert panel.get_yscale() == "log"
+    curve = next(line for line in panel.get_lines() if line.get_label() == "gen_kl")
+    assert list(curve.get_xdata()) == list(range(1, 31))
+    assert any(ax.get_title().startswith("held-out eval") and ax.get_visible() for ax in fig.axes)
+
+
 def test_synthetic_records_follow_the_schema():
     for kind in synthetic_runs.KINDS:
         for row in synthetic_runs.records(kind)[0]:

@@ -94,3 +94,58 @@ def test_without_reward_logs_the_shaped_rewards_are_described():
     m = rollout_batch_metrics([micro_batch(kl=[0.0, 0.0])], torch.tensor([[0.25, 0.75]]), torch.arange(2), 2)
     assert (m["reward_mean"], m["reward_min"], m["reward_max"]) == (0.5, 0.25, 0.75)
     assert "pass_at_1" not in m and "correctness" not in m
+
+
+# ----------------------------------------------------------------------------- generation KL
+def test_generation_kl_info_is_each_samples_k3_token_mean():
+    from rft.openrlhf.gen_kl import generation_kl_info
+
+    engine = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    trainer = torch.tensor([[-1.0, -1.0, 7.0], [-1.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])  # a masked-out 7.0; a sample without tokens
+    got = generation_kl_info(engine, trainer, mask)
+    # log r = 0 and 1 -> (0 + e - 2) / 2; log r = -1 -> 1/e; no tokens -> 0 (weight 0 in the step)
+    assert set(got) == {"gen_kl"} and got["gen_kl"].dtype == torch.float32
+    np.testing.assert_allclose(got["gen_kl"].numpy(), [(np.e - 2) / 2, 1 / np.e, 0.0], rtol=1e-6)
+
+
+def test_generation_kl_info_without_engine_logprobs_adds_nothing():
+    from rft.openrlhf.gen_kl import generation_kl_info
+
+    assert generation_kl_info(None, torch.zeros(2, 3), torch.ones(2, 3)) == {}
+
+
+def test_a_failed_generation_kl_keeps_the_key_as_nan_and_warns(caplog):
+    """Key sets must match on every sample (the actors reduce them); the step then reads NaN."""
+    from rft.openrlhf.gen_kl import generation_kl_info
+
+    got = generation_kl_info(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3))
+    assert got["gen_kl"].shape == (2,) and bool(torch.isnan(got["gen_kl"]).all())
+    assert "generation KL of a micro-batch skipped" in caplog.text
+
+
+def gen_kl_batch(means: list[float], lengths: list[int], width: int = 6) -> SimpleNamespace:
+    mask = torch.zeros(len(lengths), width)
+    for row, n in enumerate(lengths):
+        mask[row, width - n :] = 1
+    return SimpleNamespace(info={"gen_kl": torch.tensor(means), "reward": torch.zeros(len(means))}, action_mask=mask)
+
+
+def test_step_generation_kl_weighs_samples_by_tokens_in_rollout_order():
+    # micro-batches hold rollout samples [2, 0] and [3, 1]; lengths 1, 4, 2, 5
+    batches = [gen_kl_batch([0.4, 0.01], [2, 1]), gen_kl_batch([0.0, 0.02], [5, 4])]
+    indices = torch.tensor([2, 0, 3, 1])
+    out = rollout_batch_metrics(batches, torch.zeros(2, 2), indices, 2)
+    means, tokens = np.array([0.01, 0.02, 0.4, 0.0]), np.array([1, 4, 2, 5])
+    assert out["gen_kl"] == pytest.approx((means * tokens).sum() / tokens.sum(), rel=1e-6)  # 0.89 / 12
+    assert out["gen_kl"] == pytest.approx(0.89 / 12, rel=1e-6)
+    assert out["gen_kl_seq_max"] == pytest.approx(0.4, rel=1e-6)
+    assert out["gen_kl_seq_p99"] == pytest.approx(np.quantile(means, 0.99), rel=1e-6)
+
+
+def test_step_generation_kl_leaves_out_samples_without_tokens_and_reports_nan():
+    batches = [gen_kl_batch([0.0, 0.5], [0, 2])]
+    out = rollout_batch_metrics(batches, torch.zeros(1, 2), torch.arange(2), 2)
+    assert (out["gen_kl"], out["gen_kl_seq_max"], out["gen_kl_seq_p99"]) == pytest.approx((0.5, 0.5, 0.5))
+    nan = rollout_batch_metrics([gen_kl_batch([float("nan"), 0.5], [3, 2])], torch.zeros(1, 2), torch.arange(2), 2)
+    assert all(np.isnan(nan[k]) for k in ("gen_kl", "gen_kl_seq_max", "gen_kl_seq_p99"))
