@@ -212,3 +212,69 @@ def test_without_a_payload_the_workers_are_told_to_receive_the_broadcast():
     engine = _Engine(workers=1)
     asyncio.run(native_lora.NativeLoraEngine().update(engine, {"nbytes": 64}))
     assert engine.calls == [("load_lora_native", ({"nbytes": 64}, None, 1, [], "nccl"))]
+
+
+# ----------------------------------------------------------------------------- the run's mode, per engine
+def test_the_run_starts_engines_with_lora_only_in_native_mode(monkeypatch):
+    logprobs = {"logprobs_mode": "processed_logprobs", "max_logprobs": 1}
+    lora = {"enable_lora": True, "max_lora_rank": 32, "max_loras": 1, "max_cpu_loras": 2}
+    assert native_lora.engine_kwargs(24, "native") == {**logprobs, **lora}
+    assert native_lora.engine_kwargs(24, "merged") == logprobs
+    assert native_lora.engine_kwargs(0, "native") == logprobs  # no LoRA policy: the engine 0.9.3 starts
+    monkeypatch.delenv("RFT_LORA_SYNC", raising=False)
+    assert native_lora.configured_mode() == "native" and native_lora.engine_kwargs(24) == {**logprobs, **lora}
+    monkeypatch.setenv("RFT_LORA_SYNC", "merged")
+    assert native_lora.engine_kwargs(24) == logprobs
+    assert native_lora.configured_mode({"RFT_LORA_SYNC": "native"}) == "native"
+
+
+def test_an_engine_knows_its_mode_from_how_it_was_started():
+    native = native_lora.NativeLoraEngine.for_engine(native_lora.engine_kwargs(8, "native"))
+    merged = native_lora.NativeLoraEngine.for_engine(native_lora.engine_kwargs(8, "merged"))
+    assert native.enabled and not native.keep_previous and not merged.enabled
+    assert native_lora.NativeLoraEngine.for_engine(native_lora.engine_lora_kwargs(8, keep_previous=True)).keep_previous
+    merged.version = 3  # even so, a merged engine's requests name no adapter
+    assert merged.request is None
+
+
+class _MergedEngine(_Engine):
+    async def collective_rpc(self, method, args=()):
+        self.calls.append((method, args))
+        row = {"changed": 3, "numel": 4, "delta_sq": 4.0, "target_sq": 4.0, "unpack_s": 0.0, "apply_s": 0.0}
+        return [row] * self.workers
+
+    async def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache", ()))
+        return True
+
+
+def test_the_sync_goes_native_or_merged_as_the_engine_was_started(capsys):
+    engine = _Engine()
+    state = native_lora.NativeLoraEngine.for_engine({"enable_lora": True, "max_loras": 1})
+    evidence = asyncio.run(state.sync(engine, {"format": "f"}, b"\x00"))
+    assert [c[0] for c in engine.calls] == ["load_lora_native"] and evidence["lora_id"] == 1
+    assert "rft weight sync: native LoRA, serving rft-policy-v1" in capsys.readouterr().out
+    merged_engine = _MergedEngine()
+    evidence = asyncio.run(native_lora.NativeLoraEngine.for_engine({}).sync(merged_engine, {"format": "f"}, b"\x00"))
+    assert [c[0] for c in merged_engine.calls] == ["apply_lora_delta", "reset_prefix_cache"]
+    assert evidence["changed_frac"] == 0.75 and evidence["delta_norm"] == pytest.approx(math.sqrt(8.0))
+
+
+def test_the_cpu_stand_in_leaves_only_the_experts_out_of_vllms_lora_wrapping():
+    """rft.cpu_stand_ins' replacement for vLLM's MoE LoRA wrapper, on vLLM 0.15.1's own matcher."""
+    import types
+
+    from vllm.lora.model_manager import LoRAModelManager
+
+    from rft.cpu_stand_ins import moe_left_out_of_lora
+
+    cls = type("Manager", (), {"_match_target_modules": LoRAModelManager._match_target_modules})
+    manager = cls()
+    manager.supported_lora_modules = ["qkv_proj", "o_proj", "experts"]
+    assert manager._match_target_modules("model.layers.0.mlp.experts")  # what vLLM wraps as shipped
+    moe_left_out_of_lora(types.SimpleNamespace(LoRAModelManager=cls))
+    moe_left_out_of_lora(types.SimpleNamespace(LoRAModelManager=cls))  # installed once
+    assert not manager._match_target_modules("model.layers.0.mlp.experts")
+    assert manager._match_target_modules("model.layers.0.attn.qkv_proj")
+    assert manager._match_target_modules("model.layers.1.attn.o_proj")
+    assert not manager._match_target_modules("model.layers.0.mlp.router")
