@@ -7,12 +7,14 @@
 #   bash setup_cpu.sh                        # once: the CPU environment in .venv
 #   bash train_grpo_tiny.sh                  # about 4 min on 2 cores: 16 rollouts, reward 0.7 -> 0.85
 #   bash train_grpo_tiny.sh --dry-run        # checks + the resolved command, no launch
+#   RFT_LORA_SYNC=merged bash train_grpo_tiny.sh   # the merged sync instead of native LoRA
 #
 # What runs for real: a local Ray head with logical GPUs, the Ray job, openrlhf.cli.train_ppo_ray
 # from a copy of OpenRLHF 0.9.3 patched by apply_patches.sh --target (build/tiny/site), 2 actor
 # ranks of DeepSpeed ZeRO-3 (CPU accelerator, gloo) with LoRA and gradient checkpointing, the
 # reference model, one vLLM 0.15.1 engine (CPU build) at tensor parallel 2, the LoRA sync through
-# the Ray object store, reward_func_em.py, the eval every rollout, adapter checkpoints and the
+# the Ray object store (native LoRA by default: vLLM serves the adapter; RFT_LORA_SYNC=merged
+# merges it into the weights), reward_func_em.py, the eval every rollout, adapter checkpoints and the
 # run logs that check_run.py reads.
 set -euo pipefail
 

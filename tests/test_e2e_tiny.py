@@ -319,9 +319,9 @@ def test_check_run_gives_a_verdict(run):
 def test_eval_posthoc_agrees_with_the_trainers_eval(run, tmp_path):
     """Same data, same mode (greedy pass@1), same adapter: the same score.
 
-    They may differ where greedy decoding meets a near tie: the trainer's engine serves
-    bf16(W0 + delta) while eval_posthoc serves a PEFT merge of the same adapter, rounded once
-    the other way. On this task the answer token's margin is far from a tie.
+    They may differ where greedy decoding meets a near tie: the trainer's engine serves the
+    adapter natively (or bf16(W0 + delta) in merged mode) while eval_posthoc serves a PEFT merge
+    of the same adapter, rounded once. On this task the answer token's margin is far from a tie.
     """
     out = tmp_path / "eval"
     proc = subprocess.run(
