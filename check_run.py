@@ -6,7 +6,9 @@
 
 Prints one verdict per check (ok / warn / stop / n/a) with the suggested action and writes
 a PNG of the main curves with eval steps, checkpoints, the checkpoint to keep, reward failures
-and NaN/inf steps marked. The spike log, the samples folder and --save_steps come from the
+and NaN/inf steps marked. Two checks compare the engines with the trainer: the generation KL
+(warn above 0.002, NeMo-RL's gpt-oss release gate; stop advice above 0.02 for 5 steps, where
+NeMo-RL's merged bf16 sync sat) and the share of the intended update the engines serve. The spike log, the samples folder and --save_steps come from the
 run's run_manifest.json when it is there.
 
 Exit code: 0 healthy; 1 warnings (bad lines in the metrics files included); 2 stop (NaN or

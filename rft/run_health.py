@@ -1046,7 +1046,7 @@ def draw_dashboard(run: Run, verdicts: list[Verdict] | None = None, th: Threshol
         code = exit_code(verdicts)
         flagged = ", ".join(f"{v.check}: {v.level}" for v in verdicts if v.level in (WARN, STOP)) or "all checks ok"
         fig.suptitle(f"{['HEALTHY', 'WARNINGS', 'STOP'][code]} - {flagged}", color=["green", "darkorange", "red"][code], fontsize=14)
-    fig.tight_layout(rect=(0, 0.04 if handles else 0, 1, 1))
+    fig.tight_layout(rect=(0, 0.04 if handles else 0, 1, 0.97 if verdicts is not None else 1))  # room for the title
     return fig
 
 
