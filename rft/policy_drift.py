@@ -25,8 +25,10 @@ correct a different policy than the one sampled."""
 GEN_KL_SUSTAINED = 5
 """Consecutive steps above :data:`GEN_KL_STOP` that make it sustained (one spike is not)."""
 SERVED_SHARE_WARN = 0.9
-"""Warn when the engines serve less than this share of the intended update: native LoRA serves
-about 1 (only A and B are rounded to bf16), the merged sync far less while updates are small."""
+"""Warn when the engines serve less than this share of the intended update, or more than its
+inverse: native LoRA serves about 1 (only A and B are rounded to bf16), the merged sync far less
+while updates are small, and its rounding can move entries the update did not touch, which
+raises the norm of the served change without serving the update."""
 
 
 def served_share(delta_norm: float, target_norm: float) -> float:

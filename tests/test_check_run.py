@@ -189,6 +189,18 @@ def test_dashboard_draws_the_generation_kl_with_its_limits(tmp_path):
     assert any(ax.get_title().startswith("held-out eval") and ax.get_visible() for ax in fig.axes)
 
 
+def test_the_health_report_needs_no_torch():
+    """check_run.py runs where the run's files were copied, often without torch: the drift limits
+    it reads (rft.policy_drift) are the same objects the trainer's gen_kl module names."""
+    code = "import sys, rft.run_health; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+    from rft import policy_drift
+    from rft.openrlhf import gen_kl
+
+    assert gen_kl.GEN_KL_WARN is policy_drift.GEN_KL_WARN and gen_kl.gen_kl_verdict is policy_drift.gen_kl_verdict
+    assert run_health.GEN_KL_STOP is policy_drift.GEN_KL_STOP
+
+
 def test_synthetic_records_follow_the_schema():
     for kind in synthetic_runs.KINDS:
         for row in synthetic_runs.records(kind)[0]:
