@@ -32,7 +32,7 @@ from rft.contract import (
     SAMPLES_GLOB,
     SPIKE_FILE,
 )
-from rft.contract import MANIFEST_ARGS, MANIFEST_RUN_LOGS
+from rft.contract import ENV_LORA_SYNC, MANIFEST_ARGS, MANIFEST_RUN_LOGS
 from rft.policy_drift import GEN_KL_STOP, GEN_KL_SUSTAINED, GEN_KL_WARN, SERVED_SHARE_WARN, gen_kl_verdict, served_share
 
 __all__ = ["METRICS_FILE", "SPIKE_FILE", "RunPaths", "Run", "load_run", "evaluate_run", "write_dashboard"]
@@ -758,7 +758,7 @@ def check_gen_kl(run: Run, th: Thresholds) -> Verdict:
             STOP,
             f"> {GEN_KL_STOP:g} on the last {GEN_KL_SUSTAINED} steps: " + detail,
             "rollouts are off-policy (merged bf16 sync rounding, a failed sync, or engine and trainer computing "
-            "different functions): serve the adapter natively (RFT_LORA_SYNC=native) or compare both modes; "
+            f"different functions): serve the adapter natively ({ENV_LORA_SYNC}=native) or compare both modes; "
             "--enable_vllm_is_correction only reweights what was sampled",
         )
     if level == WARN:
@@ -786,7 +786,7 @@ def check_served_share(run: Run, th: Thresholds) -> Verdict:
             WARN,
             detail + f" (< {SERVED_SHARE_WARN:.0%})",
             "bf16 rounding of the merged weights drops small updates: serve the adapter natively "
-            "(RFT_LORA_SYNC=native) and watch gen_kl",
+            f"({ENV_LORA_SYNC}=native) and watch gen_kl; if it already is native, the sync is broken: read the trainer log",
         )
     if last > high:
         return Verdict(
@@ -794,7 +794,7 @@ def check_served_share(run: Run, th: Thresholds) -> Verdict:
             WARN,
             detail + f" (> {high:.0%}: rounding noise, not the update)",
             "bf16 rounding of the merged weights moves entries the update did not: serve the adapter natively "
-            "(RFT_LORA_SYNC=native) and watch gen_kl",
+            f"({ENV_LORA_SYNC}=native) and watch gen_kl; if it already is native, the sync is broken: read the trainer log",
         )
     return Verdict("served update", OK, detail)
 
