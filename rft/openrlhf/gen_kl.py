@@ -20,8 +20,6 @@ logs the same quantity as ``gen_kl_error`` (token mean; ``nemo_rl/algorithms/los
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -50,6 +48,8 @@ ROLLOUT_LOGPROBS = 1
 LOG_RATIO_CLAMP = 20.0
 """``|log r|`` is clamped here before ``exp``: a token the engine gave probability 0 (log-prob
 -inf) must show as a huge KL, not as inf or NaN that would hide every other step's value."""
+
+
 def sequence_k3(
     engine_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, action_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
