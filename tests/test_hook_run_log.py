@@ -308,3 +308,12 @@ def test_samples_only_on_save_steps(tmp_path):
         hooks.rollout_made([experience], n, save_steps, TextTokenizer())
         assert "extracted_answer" not in experience.info  # taken out on every step
     assert not list(tmp_path.glob("samples_step*"))
+
+
+def test_sync_metrics_carry_the_served_share():
+    """The record says which share of the intended update the engines serve: 0.6 / 0.8 = 0.75."""
+    from rft.openrlhf.run_log import sync_metrics
+
+    out = sync_metrics([{"sync_delta_norm": 0.6, "sync_target_norm": 0.8, "sync_seconds": 1}])
+    assert out["sync_served_share"] == pytest.approx(0.75)
+    assert "sync_served_share" not in sync_metrics([{"sync_seconds": 1.0}])

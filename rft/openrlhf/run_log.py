@@ -54,6 +54,7 @@ from rft.contract import (
 )
 from rft.openrlhf.eval_modes import info_value
 from rft.openrlhf.rollout_stats import prompt_token_hashes
+from rft.policy_drift import served_share
 
 logger = logging.getLogger(__name__)
 
@@ -424,7 +425,13 @@ def sync_metrics(results: Any) -> dict[str, float]:
     first = results[0] if isinstance(results, (list, tuple)) and results else results
     if not isinstance(first, dict):
         return {}
-    return {k: float(v) for k, v in first.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out = {k: float(v) for k, v in first.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if "sync_delta_norm" in out and "sync_target_norm" in out:
+        try:
+            out["sync_served_share"] = served_share(out["sync_delta_norm"], out["sync_target_norm"])
+        except ValueError:  # a non-finite norm: the record's nonfinite check reports the norms themselves
+            pass
+    return out
 
 
 def pop_text_logs(experiences: Sequence[Any]) -> list[dict[str, list]]:
