@@ -13,6 +13,7 @@ import json
 import os
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from rft import metrics_schema
