@@ -54,6 +54,10 @@ LEARNING_FLOOR = 0.8
 P_TARGET_RISE = 0.05
 """Least rise of the trainer's own p(right answer), base to last adapter (reference run: 0.12)."""
 
+NATIVE_GEN_KL_MAX = 0.002
+"""Per-step engine-vs-trainer KL (k3, token mean) a native run must stay under (reference run:
+at most 5.5e-4, most steps about 1e-5)."""
+
 FULL_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model-00001-of-00002.safetensors")
 
 
@@ -179,6 +183,10 @@ def test_the_engines_serve_the_update_the_trainer_made(run):
         names = [line.rsplit(" ", 1)[-1] for line in served]
         assert names == [native_lora.adapter_name(v) for v in range(1, len(names) + 1)], served
         assert len(names) >= len(records) - 1, (len(names), len(records))
+        # The engine computes the trainer's function: the engine-vs-trainer KL of the sampled
+        # tokens stays under the 0.002 that NeMo-RL's gpt-oss-20b release test requires.
+        kls = [r["gen_kl"] for r in records if "gen_kl" in r]
+        assert all(kl < NATIVE_GEN_KL_MAX for kl in kls), kls
     else:
         assert served == []
 
