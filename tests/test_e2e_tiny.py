@@ -59,9 +59,9 @@ NATIVE_GEN_KL_MEAN = 0.002
 NeMo-RL's native-adapter figure and its gpt-oss-20b release bound. Two reference runs: 7.4e-5
 (the first 11 steps) and 3.7e-4 (all 16), medians 7e-6 and 6.6e-5."""
 NATIVE_GEN_KL_STEP = 0.01
-"""No step above this: the worst steps of the reference runs were 5.5e-4 and 2.0e-3, where one
-sequence's sampled token met a near tie of the tiny model's top-2 expert routing (bf16 in the
-engine and in the trainer can route it differently; native LoRA does not remove that)."""
+"""No step above this: the worst steps of the reference runs were 5.5e-4 and 2.0e-3, each from one
+sequence (likely a near tie of the tiny model's top-2 expert routing, which bf16 can decide
+differently in the engine and the trainer; native LoRA does not remove that)."""
 
 FULL_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model-00001-of-00002.safetensors")
 
