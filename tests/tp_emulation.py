@@ -461,7 +461,11 @@ class EngineHarness:
     def apply_lora_update(self, spec, payload=None):
         import asyncio
 
-        return asyncio.run(self._apply(types.SimpleNamespace(llm=self.llm), spec, payload))
+        from rft.openrlhf.native_lora import NativeLoraEngine
+
+        # an engine started without LoRA: the merged path, which this harness emulates
+        engine = types.SimpleNamespace(llm=self.llm, native_lora=NativeLoraEngine.for_engine({}))
+        return asyncio.run(self._apply(engine, spec, payload))
 
     def states(self) -> list[dict[str, torch.Tensor]]:
         return [state_copy(model) for model in self.models]
