@@ -6,8 +6,9 @@
 #   SETTINGS="attention,experts 1" OPENRLHF_ROOT=build/site bash bench/actor_zero3_ladder.sh
 #
 # Runs bench/bench_actor_mxfp4.py at two layer counts per setting (one process each, the
-# checkpoint of a layer count built once and reused), then bench/summarize_actor_zero3.py, which
-# prints the per-layer table and writes it into bench/results/actor_breakdown_<model>.json.
+# checkpoint of a layer count built once and reused; each run ends with one step and one log-prob
+# forward under bench/component_timer.py), then bench/summarize_actor_zero3.py, which prints the
+# per-layer tables and writes them into bench/results/actor_breakdown_<model>.json.
 # Settings: 0 = eager attention + transformers' experts; see rft/fast_gptoss.py for the parts.
 set -euo pipefail
 
@@ -41,7 +42,7 @@ for setting in "${settings[@]}"; do
     "$PYTHON" bench/bench_actor_mxfp4.py --model "$MODEL" --layers "$layers" --batch 1 --seq "$SEQ" \
       --response "$RESPONSE" --lora-rank "$RANK" --gradient-checkpointing --steps "$STEPS" \
       --workdir "$OUT_DIR/ckpt_${MODEL}_L${layers}" --fast "$setting" --json-out "$OUT_DIR/$name.json" \
-      "${root_args[@]}"
+      --components "${root_args[@]}"
   done
 done
 "$PYTHON" bench/summarize_actor_zero3.py "$OUT_DIR" --model "$MODEL"

@@ -47,6 +47,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # component_timer
 
 SHAPES = {
     "gpt-oss-20b": dict(num_local_experts=32, num_experts_per_tok=4),
@@ -94,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "routed experts run their per-expert loop, which fits where transformers' eval path, "
                              "every expert on every token, does not: 120b width)")
     parser.add_argument("--parity-only", action="store_true", help="skip the timings")
+    parser.add_argument("--components", action="store_true",
+                        help="after the timings at --layers-hi, one more step and forward per setting under "
+                             "bench/component_timer.py: attention, router, experts, norms per phase")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (only to try the script)")
     parser.add_argument("--json-out", type=Path, help="default bench/results/actor_breakdown_<model>.json")
     return parser.parse_args(argv)
@@ -159,17 +163,47 @@ def actor_log_probs(model, batch: dict):
     return log_probs[:, -batch["response"]:]
 
 
-def train_step(model, batch: dict):
-    """Forward, a PPO-style clipped loss on the action tokens, backward; returns the log-probs."""
+def ppo_loss(log_probs, batch: dict):
+    """A PPO-style clipped loss on the action tokens (ratio 1 at the old log-probs, as in a first micro step)."""
     import torch
 
-    model.train()
-    log_probs = actor_log_probs(model, batch)
     ratio = torch.exp(log_probs - log_probs.detach())
     adv = batch["advantages"]
-    loss = -torch.min(ratio * adv, ratio.clamp(0.8, 1.2) * adv).mean()
+    return -torch.min(ratio * adv, ratio.clamp(0.8, 1.2) * adv).mean()
+
+
+def train_step(model, batch: dict, timer=None):
+    """Forward, :func:`ppo_loss`, backward; returns the log-probs. ``timer``: a
+    :class:`component_timer.ComponentTimer` whose pass this step is, told where the forward ends."""
+    model.train()
+    log_probs = actor_log_probs(model, batch)
+    loss = ppo_loss(log_probs, batch)
+    if timer is not None:
+        timer.forward_done()
+        timer.backward_starts()
     loss.backward()
     return log_probs.detach()
+
+
+def component_breakdown(model, batch: dict, device: str) -> dict:
+    """One training step and one log-prob forward under :class:`component_timer.ComponentTimer`:
+    per-layer milliseconds of attention, router, experts and norms in each phase, and the head's."""
+    from component_timer import ComponentTimer, format_report
+
+    timer = ComponentTimer(model, cuda=device.startswith("cuda"))
+    try:
+        with timer.pass_("train"):
+            train_step(model, batch, timer)
+        train = timer.report()
+        zero_grads(model)
+        with timer.pass_("logprob"):
+            logprob_forward(model, batch)
+        logprob = timer.report()
+    finally:
+        timer.remove()
+    print(format_report(train, "    training step"))
+    print(format_report(logprob, "    log-prob forward"), flush=True)
+    return {"train": train, "logprob": logprob}
 
 
 def logprob_forward(model, batch: dict):
@@ -230,6 +264,8 @@ def measure(name: str, layers: int, args: argparse.Namespace, record: Callable[[
         out.setdefault(setting, {})[str(layers)] = figures
         print(f"  {layers} layers  {setting:28s} train {train_ms:8.1f} ms  log-prob {lp_ms:8.1f} ms  "
               f"peak {train_peak:6.2f} / {lp_peak:6.2f} GiB  ({figures['wall_s']:.0f} s)", flush=True)
+        if args.components and layers == args.layers_hi:
+            figures["components"] = component_breakdown(model, batch, args.device)
         record()
     fast_gptoss.uninstall(model)
     del model, batch

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path,
                         help="where the checkpoint is written (default: a temp dir); one already there is reused")
     parser.add_argument("--openrlhf-root", type=Path, help="directory holding a patched openrlhf package")
+    parser.add_argument("--components", action="store_true",
+                        help="after the timed steps, one step and one log-prob forward under bench/component_timer.py: "
+                             "attention, router, experts, norms, the head and ZeRO-3's fetches per phase")
     parser.add_argument("--json-out", type=Path, help="write the figures here as JSON (and a PNG beside it)")
     return parser.parse_args(argv)
 
@@ -139,6 +143,39 @@ def plot(figures: dict, png: Path) -> None:
     fig.suptitle(f"{figures['model']} width, {figures['layers']} layers, ZeRO-3 world 1, LoRA r{figures['lora_rank']}")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
+
+
+def zero3_breakdown(actor, policy_loss, strategy, optim, scheduler, inputs: tuple, old_log_probs, advantages) -> dict:
+    """One more training step and log-prob forward under ``bench/component_timer.py``, with
+    DeepSpeed's ZeRO-3 fetches and releases timed too; the optimizer step is timed on its own."""
+    import torch
+    from component_timer import ComponentTimer, format_report
+
+    sequences, action_mask, attention_mask = inputs
+    timer = ComponentTimer(actor.model, cuda=True, zero3=True)
+    try:
+        actor.train()
+        with timer.pass_("train"):
+            log_probs = actor(sequences, action_mask, attention_mask)
+            loss, *_ = policy_loss(log_probs, old_log_probs, advantages, action_mask=action_mask)
+            timer.forward_done()
+            timer.backward_starts()
+            strategy.backward(loss, actor, optim)
+        train = timer.report()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        strategy.optimizer_step(optim, actor, scheduler, name="actor")
+        torch.cuda.synchronize()
+        train["optimizer_step_ms"] = (time.perf_counter() - t0) * 1e3
+        actor.eval()
+        with torch.no_grad(), timer.pass_("logprob"):
+            actor(sequences, action_mask, attention_mask)
+        logprob = timer.report()
+    finally:
+        timer.remove()
+    print(format_report(train, "training step") + f"\n  optimizer step {train['optimizer_step_ms']:.1f} ms")
+    print(format_report(logprob, "log-prob forward"), flush=True)
+    return {"train": train, "logprob": logprob}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,6 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         losses.append(loss.item())
         print(f"step {len(step_times)}: {step_times[-1]:.3f} s, GPU peak {step_peaks[-1]:.2f} GiB, loss {losses[-1]:.4f}")
 
+    components = None
+    if args.components:
+        try:  # the timed figures above are written whatever happens here
+            components = zero3_breakdown(actor, policy_loss, strategy, optim, scheduler,
+                                         (sequences, action_mask, attention_mask), old_log_probs, advantages)
+        except Exception as exc:  # noqa: BLE001 - reported in the JSON and on stderr
+            traceback.print_exc()
+            components = {"error": f"{type(exc).__name__}: {exc}"}
     steady = sorted(step_times[1:] or step_times)[len(step_times[1:] or step_times) // 2]
     figures = {
         "model": args.model, "layers": args.layers, "layers_full_model": SHAPES[args.model]["num_hidden_layers_full"],
@@ -241,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         "prepared_gpu_gib": prepared_gpu,
         "logprob_time_s": logprob_times,
         "steady_logprob_time_s": sorted(logprob_times)[len(logprob_times) // 2] if logprob_times else None,
+        "components": components,
     }
     print(f"steady step {steady:.3f} s = {figures['tokens_per_s']:.0f} tokens/s; "
           f"peak GPU {max(step_peaks):.2f} GiB")

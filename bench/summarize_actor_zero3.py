@@ -6,8 +6,9 @@ each setting takes the difference between its two layer counts (so the embedding
 head, the loss and the optimizer step cancel): train and log-prob milliseconds per layer, the
 step's GPU peak at the larger count, tokens per second through one layer, and the fraction of
 the H100's dense bf16 peak that the layer's matrix work (``work_per_layer.train_tflop`` of the
-model's ``actor_breakdown_<model>.json``) reaches. It prints a table and writes the figures into
-that JSON under ``patched_actor_zero3``.
+model's ``actor_breakdown_<model>.json``) reaches, and the larger count's per-component pass
+(``--components``, ``bench/component_timer.py``) where the run has one. It prints the tables and
+writes the figures into that JSON under ``patched_actor_zero3``.
 
     python bench/summarize_actor_zero3.py build/actor-zero3 --model gpt-oss-20b
 """
@@ -62,6 +63,7 @@ def per_layer(small: dict, big: dict, train_tflop: float) -> dict:
         "peak_gib": max(big["step_peak_gpu_gib"]),
         "train_tokens_per_s_per_layer": round(big["seq"] / train_s),
         "train_fraction_of_bf16_peak": train_tflop / train_s / BF16_DENSE_TFLOPS,
+        "components": big.get("components"),  # bench/component_timer.py's pass at the larger count, if run
     }
 
 
@@ -114,6 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     for setting, f in figures.items():
         print(f"  {setting:<24} {f['train_ms_per_layer']:>9.1f} {f['logprob_ms_per_layer']:>12.1f} "
               f"{f['peak_gib']:>9.2f} {f['train_tokens_per_s_per_layer']:>9,} {f['train_fraction_of_bf16_peak']:>13.1%}")
+    for setting, f in figures.items():
+        if f["components"] and "train" in f["components"]:
+            sys.path.insert(0, str(REPO / "bench"))
+            from component_timer import format_report
+
+            print(f"\nRFT_FAST_GPTOSS={setting}, {f['layers'][1]} layers:")
+            print(format_report(f["components"]["train"], "  training step"))
+            print(format_report(f["components"]["logprob"], "  log-prob forward"))
     breakdown["patched_actor_zero3"] = {
         "gpu": ", ".join(gpus), "seq": breakdown.get("seq"), "per_setting": figures,
         "note": "bench/summarize_actor_zero3.py over bench/actor_zero3_ladder.sh runs; per layer from two layer "
