@@ -17,11 +17,14 @@ gather ordering from there. Import boundaries that the unit tests replace:
 
 Trees: ``pristine_root`` is a copy of the installed openrlhf 0.9.3 and
 ``patched_root`` the same with ``patches/series`` applied (see ``tests/oprl.py``).
+
+Prompts: ``tok`` is the quick start's tokenizer and ``clock`` the day its chat template reads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import sys
 import types
@@ -135,6 +138,33 @@ def patched_root(tmp_path_factory) -> Path:
     root = oprl.pristine_copy(tmp_path_factory.mktemp("patched"))
     oprl.apply_series(root)
     return root
+
+
+class Clock(dt.datetime):
+    """datetime whose now() is a chosen day: what transformers' strftime_now reads."""
+
+    today = dt.datetime(2026, 12, 6, 23, 59)
+
+    @classmethod
+    def now(cls, tz=None):
+        return cls.today
+
+
+@pytest.fixture
+def clock(monkeypatch) -> type[Clock]:
+    """Chat templates read the day from :class:`Clock`: set ``clock.today`` to move it."""
+    from transformers.utils import chat_template_utils
+
+    monkeypatch.setattr(chat_template_utils, "datetime", Clock)
+    return Clock
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    """The quick start's character tokenizer (rft/tiny.py), whose template reads the date and effort as gpt-oss's."""
+    from rft.tiny import build_tokenizer
+
+    return build_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @contextlib.contextmanager

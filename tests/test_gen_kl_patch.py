@@ -112,14 +112,7 @@ class FakeActorGroup:
 
 def make_batch(em, args, samples):
     """split_rollout_samples, make_experience and compute_advantages_and_returns, as make_experience_batch."""
-    from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
-
-    maker = em.RemoteExperienceMaker.__new__(em.RemoteExperienceMaker)
-    maker.strategy = fk.FakeStrategy(args)
-    maker.args = args
-    maker.advantage_estimator = args.advantage_estimator
-    maker.tokenizer = fk.FakeTokenizer()
-    maker.kl_ctl = FixedKLController(0.0)
+    maker = fk.experience_maker(em, args)
     maker.critic_model_group = maker.reward_model_group = maker.initial_model_group = None
     batches = maker.split_rollout_samples(samples)
     maker.actor_model_group = FakeActorGroup(batches)

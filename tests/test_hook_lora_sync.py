@@ -30,23 +30,13 @@ from rft.openrlhf.lora_sync import (
     share_from_rank0,
     unpack_tensors,
 )
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+from tp_emulation import bits
 
 
 # ----------------------------------------------------------------------------- payload format
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_pack_unpack_is_bitwise_exact_through_msgpack(dtype):
-    gen = torch.Generator().manual_seed(1)
-    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-40, -1e-45])
-    tensors = [
-        ("a", torch.cat([torch.randn(37, generator=gen), special]).to(dtype)),
-        ("b", torch.randn(5, 3, 7, generator=gen).to(dtype)),
-        ("empty", torch.zeros(0, 4, dtype=dtype)),
-        ("scalar", torch.tensor(3.25, dtype=dtype)),
-    ]
+    tensors = emu.codec_sample_tensors(dtype)
     buffer, entries = pack_tensors(tensors)
     assert buffer.dtype == torch.uint8 and buffer.dim() == 1
     assert all(offset % PACK_ALIGN == 0 for _, _, _, offset, _ in entries)

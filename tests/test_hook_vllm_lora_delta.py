@@ -34,6 +34,7 @@ import torch
 import tp_emulation as emu
 from rft import contract
 from rft.openrlhf import vllm_lora_delta as vld
+from tp_emulation import adapter_payload, assert_bitwise, bits, merged_checkpoint, random_adapter
 
 TINY = {"layers": 2, "hidden": 64, "heads": 8, "kv_heads": 2, "head_dim": 8}
 
@@ -48,51 +49,9 @@ class Worker:
         return vld.update_weight_from_ray_ref(self, name, dtype, shape, blob)
 
 
-def random_adapter(geo, targets, rank=4, seed=0, scale=2.0, magnitude=1.0):
-    """``{hf_weight_name: (A, B, scale)}`` for the given ``(layer, proj)`` targets (fp32 A, B)."""
-    gen = torch.Generator().manual_seed(seed)
-    adapter = {}
-    for layer, proj in targets:
-        name = f"model.layers.{layer}.self_attn.{proj}.weight"
-        out_dim, in_dim = emu.hf_attention_shape(name, geo)
-        a = torch.randn(rank, in_dim, generator=gen) * 0.05 * magnitude
-        b = torch.randn(out_dim, rank, generator=gen) * 0.05 * magnitude
-        adapter[name] = (a, b, scale)
-    return adapter
-
-
-def adapter_payload(adapter, dtype=torch.float32):
-    """The spec and bytes the trainer sends (``rft.openrlhf.lora_sync``'s format)."""
-    named, targets = [], []
-    for name, (a, b, scale) in adapter.items():
-        named += [(f"{name}:A", a.to(dtype)), (f"{name}:B", b.to(dtype))]
-        targets.append([name, scale])
-    buffer, entries = vld.pack_tensors(named)
-    spec = {"format": vld.LORA_PAYLOAD_FORMAT, "nbytes": buffer.numel(), "entries": entries, "targets": targets}
-    return spec, buffer.numpy().tobytes()
-
-
 def sync(llm, adapter, dtype=torch.float32) -> dict:
     """One sync through the engine's hook, as ``LLMRayActor.apply_lora_update`` makes it."""
-    return asyncio.run(vld.apply_lora_update(llm, *adapter_payload(adapter, dtype)))
-
-
-def merged_checkpoint(checkpoint, adapter, dtype=torch.float32):
-    """Reference: full HF tensors ``bf16(W0 + scale * B @ A)``, computed here from the adapter."""
-    merged = dict(checkpoint)
-    for name, (a, b, scale) in adapter.items():
-        delta = (b.to(dtype).float() @ a.to(dtype).float()) * scale
-        merged[name] = (checkpoint[name].float() + delta).to(checkpoint[name].dtype)
-    return merged
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def assert_bitwise(actual: dict, expected: dict, names=None):
-    for name in names or expected:
-        assert torch.equal(bits(actual[name]), bits(expected[name])), f"{name} differs"
+    return asyncio.run(vld.apply_lora_update(llm, *adapter_payload(vld, adapter, dtype)))
 
 
 def make_engine(geo, tp, checkpoint):
@@ -115,14 +74,7 @@ def check_ranks(models, geo, tp, checkpoint, adapter, initial):
 # ----------------------------------------------------------------------------- crossing
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_packed_bytes_cross_msgpack_and_unpack_bitwise(dtype):
-    gen = torch.Generator().manual_seed(1)
-    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-40, -1e-45])
-    tensors = [
-        ("a", torch.cat([torch.randn(37, generator=gen), special]).to(dtype)),
-        ("b", torch.randn(5, 3, 7, generator=gen).to(dtype)),
-        ("empty", torch.zeros(0, 4, dtype=dtype)),
-        ("scalar", torch.tensor(3.25, dtype=dtype)),
-    ]
+    tensors = emu.codec_sample_tensors(dtype)
     buffer, entries = vld.pack_tensors(tensors)
     assert buffer.dtype == torch.uint8 and buffer.dim() == 1
     assert all(offset % 64 == 0 for _, _, _, offset, _ in entries)  # every slice viewable as any dtype
@@ -338,7 +290,7 @@ def test_nccl_receive_takes_the_buffer_from_the_model_update_group(monkeypatch, 
     models, llm = make_engine(TINY, 2, checkpoint)
     initial = [emu.state_copy(m) for m in models]
     adapter = random_adapter(TINY, [(0, "k_proj"), (1, "o_proj")], seed=62)
-    spec, blob = adapter_payload(adapter)
+    spec, blob = adapter_payload(vld, adapter)
     group = Broadcaster(blob)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: None)  # no GPU: no stream
     collective = types.ModuleType("ray.util.collective")
@@ -359,7 +311,7 @@ def test_bad_payloads_fail_with_a_clear_error_and_write_nothing():
     checkpoint = emu.random_attention_checkpoint(TINY, seed=41)
     models, llm = make_engine(TINY, 1, checkpoint)
     worker, before = llm.workers[0], emu.state_copy(models[0])
-    spec, blob = adapter_payload(random_adapter(TINY, [(0, "q_proj")], seed=42))
+    spec, blob = adapter_payload(vld, random_adapter(TINY, [(0, "q_proj")], seed=42))
     with pytest.raises(ValueError, match="payload bytes"):
         worker.apply_lora_delta(spec, blob[:-64], "bytes")
     with pytest.raises(ValueError, match="payload format"):

@@ -39,6 +39,7 @@ import oprl
 import tp_emulation as emu
 from rft.openrlhf import lora_sync, native_lora
 from rft.openrlhf import vllm_lora_delta
+from tp_emulation import adapter_payload, assert_bitwise, bits, merged_checkpoint, random_adapter
 
 TINY = {"layers": 2, "hidden": 64, "heads": 8, "kv_heads": 2, "head_dim": 8}
 
@@ -64,48 +65,6 @@ def engine_call(engine_mod, method: str, llm, *args, engine_kwargs=None):
     fn = getattr(engine_mod.LLMRayActor.__ray_metadata__.modified_class, method)
     actor = types.SimpleNamespace(llm=llm, native_lora=native_lora.NativeLoraEngine.for_engine(engine_kwargs or {}))
     return asyncio.run(fn(actor, *args))
-
-
-def random_adapter(geo, targets, rank=4, seed=0, scale=2.0, magnitude=1.0, device="cpu"):
-    """``{hf_weight_name: (A, B, scale)}`` for the given ``(layer, proj)`` targets (fp32 A, B)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    adapter = {}
-    for layer, proj in targets:
-        name = f"model.layers.{layer}.self_attn.{proj}.weight"
-        out_dim, in_dim = emu.hf_attention_shape(name, geo)
-        a = torch.randn(rank, in_dim, generator=gen) * 0.05 * magnitude
-        b = torch.randn(out_dim, rank, generator=gen) * 0.05 * magnitude
-        adapter[name] = (a.to(device), b.to(device), scale)
-    return adapter
-
-
-def adapter_payload(wrap, adapter, dtype=torch.float32):
-    """The spec and bytes the trainer sends (as ``rft.openrlhf.lora_sync.LoraSync.pack`` packs it)."""
-    named, targets = [], []
-    for name, (a, b, scale) in adapter.items():
-        named += [(f"{name}:A", a.to(dtype)), (f"{name}:B", b.to(dtype))]
-        targets.append([name, scale])
-    buffer, entries = wrap.pack_tensors(named)
-    spec = {"format": wrap.LORA_PAYLOAD_FORMAT, "nbytes": buffer.numel(), "entries": entries, "targets": targets}
-    return spec, buffer.cpu().numpy().tobytes()
-
-
-def merged_checkpoint(checkpoint, adapter, dtype=torch.float32):
-    """Reference: full HF tensors ``bf16(W0 + scale * B @ A)`` computed independently of the patch."""
-    merged = dict(checkpoint)
-    for name, (a, b, scale) in adapter.items():
-        delta = (b.to(dtype).float() @ a.to(dtype).float()) * scale
-        merged[name] = (checkpoint[name].float() + delta).to(checkpoint[name].dtype)
-    return merged
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def assert_bitwise(actual: dict, expected: dict, names=None):
-    for name in names or expected:
-        assert torch.equal(bits(actual[name].cpu()), bits(expected[name].cpu())), f"{name} differs"
 
 
 def make_ranks(wrap, geo, tp, checkpoint, device="cpu"):

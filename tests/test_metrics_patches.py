@@ -48,14 +48,7 @@ def planted_rollout(em, rewards, correct, parse=None, n=4, truncated=None):
 
 def run_experience_maker(em, args, samples):
     """split_rollout_samples + compute_advantages_and_returns, as make_experience_batch runs them."""
-    from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
-
-    maker = em.RemoteExperienceMaker.__new__(em.RemoteExperienceMaker)
-    maker.strategy = fk.FakeStrategy(args)
-    maker.args = args
-    maker.advantage_estimator = args.advantage_estimator
-    maker.tokenizer = fk.FakeTokenizer()
-    maker.kl_ctl = FixedKLController(0.0)
+    maker = fk.experience_maker(em, args)
     batches = maker.split_rollout_samples(samples)
     for b in batches:
         b.kl = torch.zeros_like(b.action_mask, dtype=torch.float)

@@ -11,10 +11,11 @@ and tests/test_hook_eval_modes.py (eval_grouping.patch).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import sys
 import time
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
@@ -212,19 +213,23 @@ def prompt_hash(ids: list[int]) -> str:
     return hashlib.sha1(np.array(ids, dtype="<i8").tobytes()).hexdigest()[:16]
 
 
+def trainer_modules(patched_root, monkeypatch) -> tuple[ModuleType, ModuleType, ModuleType]:
+    """The patched trainer, experience-maker and ppo_actor modules, with Ray's object store planted."""
+    tr = oprl.load(patched_root, TRAINER)
+    em = sys.modules["openrlhf.trainer.ppo_utils.experience_maker"]
+    pa = importlib.import_module("openrlhf.trainer.ray.ppo_actor")  # same tree, already on sys.path
+    monkeypatch.setattr(tr, "ray", fk.fake_ray())
+    monkeypatch.setattr(em, "ray", fk.fake_ray())
+    return tr, em, pa
+
+
 def test_one_trainer_step_end_to_end(patched_root, vllm_stub, monkeypatch, tmp_path):
     metrics, samples_dir = tmp_path / "metrics", tmp_path / "samples"
     monkeypatch.setenv("METRICS_LOG_DIR", str(metrics))
     monkeypatch.setenv("SAMPLES_LOG_DIR", str(samples_dir))
     monkeypatch.delenv("SPIKE_LOG_PATH", raising=False)
     monkeypatch.setenv("SPIKE_GRAD_NORM", "50")
-    tr = oprl.load(patched_root, TRAINER)
-    em = sys.modules["openrlhf.trainer.ppo_utils.experience_maker"]
-    import importlib
-
-    pa = importlib.import_module("openrlhf.trainer.ray.ppo_actor")  # same tree, already on sys.path
-    monkeypatch.setattr(tr, "ray", fk.fake_ray())
-    monkeypatch.setattr(em, "ray", fk.fake_ray())
+    tr, em, pa = trainer_modules(patched_root, monkeypatch)
 
     correct = [1, 1, 1, 1, 0, 1, 0, 0]
     with_the_rewards_text_logs(monkeypatch, AnswerTokenizer())
@@ -298,13 +303,7 @@ def test_a_failed_reward_costs_its_sample_not_the_step(patched_root, vllm_stub, 
     """The reward function raised for one sample (utils/agent.py leaves reward=None, no extra_logs)."""
     monkeypatch.setenv("METRICS_LOG_DIR", str(tmp_path))
     monkeypatch.delenv("SAMPLES_LOG_DIR", raising=False)
-    tr = oprl.load(patched_root, TRAINER)
-    em = sys.modules["openrlhf.trainer.ppo_utils.experience_maker"]
-    import importlib
-
-    pa = importlib.import_module("openrlhf.trainer.ray.ppo_actor")
-    monkeypatch.setattr(tr, "ray", fk.fake_ray())
-    monkeypatch.setattr(em, "ray", fk.fake_ray())
+    tr, em, pa = trainer_modules(patched_root, monkeypatch)
     planted_args, planted_response = fk.make_args, fk.response_dict
     monkeypatch.setattr(fk, "make_args", lambda **kw: planted_args(remote_rm_url=["reward_func_em.py"], **kw))
 
@@ -342,13 +341,7 @@ def test_fit_evaluates_before_writing_the_step_record(patched_root, vllm_stub, m
     """PPOTrainer.fit: generation is timed, eval lands in the same step's record, checkpoint after eval."""
     monkeypatch.setenv("METRICS_LOG_DIR", str(tmp_path))
     monkeypatch.delenv("SAMPLES_LOG_DIR", raising=False)
-    tr = oprl.load(patched_root, TRAINER)
-    em = sys.modules["openrlhf.trainer.ppo_utils.experience_maker"]
-    import importlib
-
-    pa = importlib.import_module("openrlhf.trainer.ray.ppo_actor")
-    monkeypatch.setattr(tr, "ray", fk.fake_ray())
-    monkeypatch.setattr(em, "ray", fk.fake_ray())
+    tr, em, pa = trainer_modules(patched_root, monkeypatch)
     correct = [1, 0, 1, 1, 0, 0, 0, 0]
     args, rollout = planted_rollout(em, correct, correct)
     args.num_episodes, args.eval_steps, args.save_steps = 1, 1, 1

@@ -2,7 +2,7 @@
 
 The tokenizer is the quick start's character tokenizer (rft/tiny.py), whose chat template has
 gpt-oss's moving parts: ``strftime_now`` for the date line, ``reasoning_effort`` defaulting to
-medium, a system turn rendered as developer instructions.
+medium, a system turn rendered as developer instructions (fixtures ``tok`` and ``clock``, conftest.py).
 """
 
 import datetime as dt
@@ -10,30 +10,6 @@ import datetime as dt
 import pytest
 
 from rft import prompt_spec as ps
-from rft.tiny import build_tokenizer
-
-
-class _Clock(dt.datetime):
-    """datetime whose now() is a chosen day: what transformers' strftime_now reads."""
-
-    today = dt.datetime(2026, 12, 6, 23, 59)
-
-    @classmethod
-    def now(cls, tz=None):
-        return cls.today
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return build_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture
-def clock(monkeypatch):
-    from transformers.utils import chat_template_utils
-
-    monkeypatch.setattr(chat_template_utils, "datetime", _Clock)
-    return _Clock
 
 
 def _default_render(tok, problem):

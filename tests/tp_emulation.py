@@ -32,6 +32,9 @@ rank, following vLLM 0.15.1 line by line in behaviour:
 
 Experts are MXFP4 uint8 blocks in vLLM; the emulation keeps a small uint8 stand-in
 (never loaded) so tests can check that a sync leaves them bitwise untouched.
+
+The file ends with the LoRA sync tests' shared reference: random adapters, the payload the
+trainer sends, the merge it must produce and bitwise comparisons.
 """
 
 from __future__ import annotations
@@ -469,3 +472,67 @@ class EngineHarness:
 
     def states(self) -> list[dict[str, torch.Tensor]]:
         return [state_copy(model) for model in self.models]
+
+
+# ----------------------------------------------------------------------------- the sync tests' reference
+# Adapters, the payload the trainer sends and the merge it must produce, shared by the tests of
+# both halves of the LoRA sync (tests/test_hook_lora_sync.py, tests/test_hook_vllm_lora_delta.py,
+# tests/test_lora_sync.py).
+
+
+def random_adapter(
+    geo: dict, targets: Iterable[tuple[int, str]], rank=4, seed=0, scale=2.0, magnitude=1.0, device="cpu"
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """``{hf_weight_name: (A, B, scale)}`` for the given ``(layer, proj)`` targets (fp32 A, B)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    adapter = {}
+    for layer, proj in targets:
+        name = f"model.layers.{layer}.self_attn.{proj}.weight"
+        out_dim, in_dim = hf_attention_shape(name, geo)
+        a = torch.randn(rank, in_dim, generator=gen) * 0.05 * magnitude
+        b = torch.randn(out_dim, rank, generator=gen) * 0.05 * magnitude
+        adapter[name] = (a.to(device), b.to(device), scale)
+    return adapter
+
+
+def adapter_payload(codec: types.ModuleType, adapter: dict, dtype=torch.float32) -> tuple[dict, bytes]:
+    """The spec and bytes the trainer sends (``LoraSync.pack``'s format), packed by ``codec``'s ``pack_tensors``."""
+    named, targets = [], []
+    for name, (a, b, scale) in adapter.items():
+        named += [(f"{name}:A", a.to(dtype)), (f"{name}:B", b.to(dtype))]
+        targets.append([name, scale])
+    buffer, entries = codec.pack_tensors(named)
+    spec = {"format": codec.LORA_PAYLOAD_FORMAT, "nbytes": buffer.numel(), "entries": entries, "targets": targets}
+    return spec, buffer.cpu().numpy().tobytes()
+
+
+def merged_checkpoint(checkpoint: dict, adapter: dict, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Reference: full HF tensors ``bf16(W0 + scale * B @ A)``, computed here from the adapter."""
+    merged = dict(checkpoint)
+    for name, (a, b, scale) in adapter.items():
+        delta = (b.to(dtype).float() @ a.to(dtype).float()) * scale
+        merged[name] = (checkpoint[name].float() + delta).to(checkpoint[name].dtype)
+    return merged
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's raw bits as an integer tensor of its element size (NaN and -0.0 compare exactly)."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def assert_bitwise(actual: dict, expected: dict, names=None) -> None:
+    """Each of ``names`` (default: all of ``expected``) is bit for bit the same in both."""
+    for name in names or expected:
+        assert torch.equal(bits(actual[name].cpu()), bits(expected[name].cpu())), f"{name} differs"
+
+
+def codec_sample_tensors(dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+    """Named tensors a byte codec must carry exactly: NaN, infinities, -0.0, subnormals, empty and 0-d."""
+    gen = torch.Generator().manual_seed(1)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-40, -1e-45])
+    return [
+        ("a", torch.cat([torch.randn(37, generator=gen), special]).to(dtype)),
+        ("b", torch.randn(5, 3, 7, generator=gen).to(dtype)),
+        ("empty", torch.zeros(0, 4, dtype=dtype)),
+        ("scalar", torch.tensor(3.25, dtype=dtype)),
+    ]
