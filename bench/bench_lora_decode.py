@@ -12,7 +12,9 @@ per slice (``vllm/lora/punica_wrapper/punica_cpu.py:265-310``; on CUDA the Trito
 rft's engines at tensor parallel 2 holds them. No vLLM is needed.
 
 It prints one row per part (milliseconds per decode step over all layers, median of repeats)
-and the LoRA pair's cost as a share of the attention projections', and writes
+and the LoRA pair's cost as a share of the attention projections', launched one by one and, on a
+GPU, replayed from a CUDA graph as vLLM's decode runs (the graphed figure is the one to use: the
+eager one is mostly the launch cost of small matmuls), and writes
 ``bench/results/lora_decode_<device>.json``:
 
     python bench/bench_lora_decode.py --device cuda
@@ -125,6 +127,21 @@ def timed(fn, device: torch.device, repeats: int) -> list[float]:
     return times
 
 
+def graphed(fn, device: torch.device):
+    """``fn`` captured once in a CUDA graph; returns its replay. vLLM decodes under CUDA graphs, so
+    the kernels' own time counts, not the launch cost of dozens of small matmuls per layer."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def measure(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
@@ -148,9 +165,13 @@ def measure(args: argparse.Namespace) -> dict:
             qkv, out = base_step(x, attn, w)
             lora_step(x, attn, qkv, out, w, args.rank)
 
+    parts = (("base", base), ("lora", lora), ("both", both))
     with torch.no_grad():
-        rows = {name: timed(fn, device, args.repeats) for name, fn in (("base", base), ("lora", lora), ("both", both))}
+        rows = {name: timed(fn, device, args.repeats) for name, fn in parts}
+        graph_rows = ({name: timed(graphed(fn, device), device, args.repeats) for name, fn in parts}
+                      if device.type == "cuda" else {})
     med = {name: statistics.median(v) for name, v in rows.items()}
+    graph_med = {name: statistics.median(v) for name, v in graph_rows.items()}
     r = args.rank
     flops = {
         "base": 2 * args.batch * args.layers * sum(w.numel() for w in (layers[0]["qkv"], layers[0]["o"])),
@@ -164,6 +185,9 @@ def measure(args: argparse.Namespace) -> dict:
         "median_ms": med, "all_ms": rows, "gflop_per_step": {k: v / 1e9 for k, v in flops.items()},
         "lora_share_of_projections": med["lora"] / med["base"],
         "added_by_lora_ms": med["both"] - med["base"],
+        "cuda_graph": {"median_ms": graph_med, "all_ms": graph_rows,
+                       "lora_share_of_projections": graph_med["lora"] / graph_med["base"],
+                       "added_by_lora_ms": graph_med["both"] - graph_med["base"]} if graph_med else None,
     }
 
 
@@ -180,7 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'LoRA shrink + expand (q, k, v, o)':<44}{med['lora']:>10.3f}{gflop['lora']:>10.2f}")
     print(f"{'both, as one step':<44}{med['both']:>10.3f}")
     print(f"LoRA pair / projections: {result['lora_share_of_projections']:.1%}; added to the step: "
-          f"{result['added_by_lora_ms']:.3f} ms")
+          f"{result['added_by_lora_ms']:.3f} ms (eager: each matmul launched from Python)")
+    graph = result["cuda_graph"]
+    if graph:
+        gm = graph["median_ms"]
+        print(f"under a CUDA graph, as vLLM decodes: projections {gm['base']:.3f} ms, LoRA pair {gm['lora']:.3f} ms, "
+              f"both {gm['both']:.3f} ms; LoRA pair / projections {graph['lora_share_of_projections']:.1%}, "
+              f"added to the step {graph['added_by_lora_ms']:.3f} ms")
     out = args.json_out or REPO / "bench" / "results" / f"lora_decode_{device_tag(torch.device(args.device))}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")

@@ -20,6 +20,9 @@ This module replaces both, on the same weights and the same routing:
   (causal, sliding window, padding), so memory is linear in the sequence and the
   sliding layers compute only their window; gpt-oss's attention sinks are applied
   from the log-sum-exp flex returns, through which autograd differentiates;
+* :func:`rms_norm_forward` computes each RMS norm with torch's one ``rms_norm`` operator (fused
+  kernels on CUDA, forward and backward) instead of transformers' five element-wise passes
+  over fp32 copies of the hidden states (``modeling_gpt_oss.py:56-61``);
 * under ZeRO-3, :func:`mark_layer_leaves` makes each decoder layer one unit of
   DeepSpeed's parameter hooks (one gather and release per layer instead of one per
   submodule: a LoRA-wrapped layer has about fifty), and :func:`keep_resident` keeps a
@@ -62,9 +65,9 @@ SETTING = ENV_FAST_GPTOSS
 as loaded; ``1`` installs every part of :data:`PARTS`; a comma-separated subset (``attention``,
 ``experts,attention``) installs those."""
 
-PARTS = ("attention", "experts", "leaves", "resident")
-"""What :func:`install` can change: the attention kernel, the experts, and under ZeRO-3 the
-granularity of DeepSpeed's parameter hooks and the residency of frozen weights."""
+PARTS = ("attention", "experts", "norms", "leaves", "resident")
+"""What :func:`install` can change: the attention kernel, the experts, the RMS norms, and under
+ZeRO-3 the granularity of DeepSpeed's parameter hooks and the residency of frozen weights."""
 
 RESIDENT_SETTING = ENV_FAST_GPTOSS_RESIDENT_GIB
 """GiB of frozen decoder-layer weights a trained model may keep whole on each GPU (``resident``);
@@ -190,6 +193,20 @@ def routed_experts_forward(
     out = routed_experts(flat, routing, self.gate_up_proj, self.gate_up_proj_bias, self.down_proj,
                          self.down_proj_bias, self.alpha, self.limit)
     return out.view(batch_size, -1, self.hidden_size)
+
+
+# RMS norms ---------------------------------------------------------------------------------------
+
+
+def rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Drop-in ``forward`` for transformers 4.57.6's ``GptOssRMSNorm`` (``modeling_gpt_oss.py:56``).
+
+    The same arithmetic in fp32, ``weight * x * rsqrt(mean(x^2) + eps)`` cast back to the input's
+    dtype, as one ``torch.nn.functional.rms_norm`` call instead of a chain of element-wise ops."""
+    hidden = hidden_states.shape[-1]
+    normed = torch.nn.functional.rms_norm(hidden_states.to(torch.float32), (hidden,),
+                                          self.weight.to(torch.float32), self.variance_epsilon)
+    return normed.to(hidden_states.dtype)
 
 
 # Sink-aware flex attention -----------------------------------------------------------------------
@@ -473,12 +490,19 @@ def _experts_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, GptOssExperts)]
 
 
+def _norm_modules(model: nn.Module) -> list[nn.Module]:
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+
+    return [m for m in model.modules() if isinstance(m, GptOssRMSNorm)]
+
+
 def install(model: nn.Module, parts: frozenset[str] | set[str] = frozenset(PARTS),
             environ: Mapping[str, str] = os.environ) -> dict[str, int]:
     """Put the fast paths on a loaded gpt-oss model (bare, or inside a PEFT wrapper); returns counts.
 
     ``experts``: every ``GptOssExperts`` gets :func:`routed_experts_forward` as its instance's
-    ``forward`` (its parameters are untouched). ``attention``: the model's configs switch to
+    ``forward`` (its parameters are untouched); ``norms``: every ``GptOssRMSNorm`` gets
+    :func:`rms_norm_forward`. ``attention``: the model's configs switch to
     :data:`FAST_ATTN_IMPLEMENTATION`, which ``GptOssAttention`` and the mask builders look up on
     every call (``modeling_gpt_oss.py:324-326``, ``masking_utils.py:895``). The previous
     implementation is remembered so that :func:`uninstall` restores it. ``leaves`` and
@@ -493,6 +517,10 @@ def install(model: nn.Module, parts: frozenset[str] | set[str] = frozenset(PARTS
         for module in _experts_modules(model):
             module.forward = types.MethodType(routed_experts_forward, module)
             counts["experts"] += 1
+    if "norms" in parts:
+        for module in _norm_modules(model):
+            module.forward = types.MethodType(rms_norm_forward, module)
+            counts["norms"] += 1
     if "attention" in parts:
         register_attention()
         for pretrained in _pretrained_models(model):
@@ -515,7 +543,7 @@ def uninstall(model: nn.Module) -> None:
     """Undo :func:`install`: transformers' own experts and the attention implementation set before.
 
     Leaves and residency are DeepSpeed's state once ``deepspeed.initialize`` has run; they stay."""
-    for module in _experts_modules(model):
+    for module in (*_experts_modules(model), *_norm_modules(model)):
         module.__dict__.pop("forward", None)
     for pretrained in _pretrained_models(model):
         previous = pretrained.__dict__.pop("_rft_previous_attn_implementation", None)

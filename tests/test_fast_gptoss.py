@@ -147,6 +147,44 @@ def test_without_the_setting_the_model_is_left_as_loaded():
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
+# RMS norms ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_one_op_rms_norm_equals_transformers_norm_and_its_gradients(dtype):
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+
+    torch.manual_seed(0)
+    norm = GptOssRMSNorm(96, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96) * 0.3 + 1)  # fp32, as the actor keeps it
+    x = (torch.randn(3, 17, 96) * 4).to(dtype).requires_grad_()
+    g = torch.randn(3, 17, 96).to(dtype)
+
+    def run(forward):
+        x.grad = norm.weight.grad = None
+        out = forward(x)
+        out.backward(g)
+        return out.detach(), x.grad.clone(), norm.weight.grad.clone()
+
+    ref = run(norm.forward)
+    out = run(lambda t: fast_gptoss.rms_norm_forward(norm, t))
+    assert out[0].dtype == ref[0].dtype == dtype
+    # fp32 arithmetic in both, rounded once to the input dtype: at most one rounding step apart
+    step = torch.finfo(dtype).eps
+    assert ((out[0].float() - ref[0].float()).abs() <= step * ref[0].float().abs().clamp(min=1)).all()
+    for got, want in zip(out[1:], ref[1:]):
+        assert ((got.float() - want.float()).norm() / want.float().norm()).item() < max(step, 1e-6)
+
+
+def test_norms_part_installs_on_every_norm_and_uninstalls():
+    model = tiny_model(lora=False)
+    counts = fast_gptoss.install(model, {"norms"})
+    assert counts["norms"] == 2 * TINY_CONFIG["num_hidden_layers"] + 1
+    fast_gptoss.uninstall(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
 # routed experts -----------------------------------------------------------------------------
 
 
@@ -280,7 +318,8 @@ def test_fast_path_log_probs_and_lora_grads_equal_eager_with_transformers_expert
     model, b = tiny_model(), batch()
     ref_eval, _ = step(model, b, train=False)
     ref_train, ref_grads = step(model, b, train=True)
-    assert fast_gptoss.install(model) == {"experts": 2, "attention": 1, "leaves": 0, "resident": 0}  # no ZeRO-3
+    assert fast_gptoss.install(model) == {"experts": 2, "attention": 1, "norms": 5, "leaves": 0,
+                                         "resident": 0}  # no ZeRO-3; 2 norms a layer + the final one
     out_eval, _ = step(model, b, train=False)
     out_train, grads = step(model, b, train=True)
     assert (out_eval - ref_eval).abs().max().item() < LOGPROB_TOL
@@ -316,7 +355,7 @@ def test_uninstall_gives_back_the_transformers_paths_bit_for_bit():
 def test_install_from_env_installs_what_the_setting_names():
     model = tiny_model(lora=False)
     counts = fast_gptoss.install_from_env(model, environ={fast_gptoss.SETTING: "experts"})
-    assert counts == {"experts": 2, "attention": 0, "leaves": 0, "resident": 0}
+    assert counts == {"experts": 2, "attention": 0, "norms": 0, "leaves": 0, "resident": 0}
     assert model.config._attn_implementation == "eager"
     fast_gptoss.uninstall(model)
     assert not any("forward" in m.__dict__ for m in model.modules())
@@ -436,8 +475,9 @@ def test_zero3_layer_leaves_and_resident_weights_train_like_plain_zero3(gloo_wor
     counts1, lp1, grads1, engine1, base1 = zero3_step(configs["train"], set(fast_gptoss.PARTS),
                                                       {fast_gptoss.RESIDENT_SETTING: "1"})
     layers = TINY_CONFIG["num_hidden_layers"]
-    assert counts0 == {"experts": layers, "attention": 1, "leaves": 0, "resident": 0}
-    assert counts1 == {"experts": layers, "attention": 1, "leaves": layers, "resident": len(base1)}
+    assert counts0 == {"experts": layers, "attention": 1, "norms": 0, "leaves": 0, "resident": 0}
+    assert counts1 == {"experts": layers, "attention": 1, "norms": 2 * layers + 1, "leaves": layers,
+                       "resident": len(base1)}
     layer_modules = [m for m in engine1.module.modules() if type(m).__name__ == "GptOssDecoderLayer"]
     assert len(layer_modules) == layers and all(m._z3_leaf for m in layer_modules)
     # after the micro steps, plain ZeRO-3 has released the base weights (all but the layers' sinks,
