@@ -145,34 +145,39 @@ def plot(figures: dict, png: Path) -> None:
     fig.savefig(png, dpi=120)
 
 
-def zero3_breakdown(actor, policy_loss, strategy, optim, scheduler, inputs: tuple, old_log_probs, advantages) -> dict:
-    """One more training step and log-prob forward under ``bench/component_timer.py``, with
-    DeepSpeed's ZeRO-3 fetches and releases timed too; the optimizer step is timed on its own."""
+def zero3_breakdown(actor, policy_loss, strategy, optim, scheduler, inputs: tuple, old_log_probs, advantages,
+                    passes: int = 3) -> dict:
+    """``passes`` more training steps and log-prob forwards under ``bench/component_timer.py``, with
+    DeepSpeed's ZeRO-3 fetches and releases timed too, the optimizer step on its own; every figure
+    is the median over the passes."""
     import torch
-    from component_timer import ComponentTimer, format_report
+    from component_timer import ComponentTimer, format_report, median_report
 
     sequences, action_mask, attention_mask = inputs
     timer = ComponentTimer(actor.model, cuda=True, zero3=True)
+    trains, logprobs = [], []
     try:
-        actor.train()
-        with timer.pass_("train"):
-            log_probs = actor(sequences, action_mask, attention_mask)
-            loss, *_ = policy_loss(log_probs, old_log_probs, advantages, action_mask=action_mask)
-            timer.forward_done()
-            timer.backward_starts()
-            strategy.backward(loss, actor, optim)
-        train = timer.report()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        strategy.optimizer_step(optim, actor, scheduler, name="actor")
-        torch.cuda.synchronize()
-        train["optimizer_step_ms"] = (time.perf_counter() - t0) * 1e3
-        actor.eval()
-        with torch.no_grad(), timer.pass_("logprob"):
-            actor(sequences, action_mask, attention_mask)
-        logprob = timer.report()
+        for _ in range(passes):
+            actor.train()
+            with timer.pass_("train"):
+                log_probs = actor(sequences, action_mask, attention_mask)
+                loss, *_ = policy_loss(log_probs, old_log_probs, advantages, action_mask=action_mask)
+                timer.forward_done()
+                timer.backward_starts()
+                strategy.backward(loss, actor, optim)
+            trains.append(timer.report())
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            strategy.optimizer_step(optim, actor, scheduler, name="actor")
+            torch.cuda.synchronize()
+            trains[-1]["optimizer_step_ms"] = (time.perf_counter() - t0) * 1e3
+            actor.eval()
+            with torch.no_grad(), timer.pass_("logprob"):
+                actor(sequences, action_mask, attention_mask)
+            logprobs.append(timer.report())
     finally:
         timer.remove()
+    train, logprob = median_report(trains), median_report(logprobs)
     print(format_report(train, "training step") + f"\n  optimizer step {train['optimizer_step_ms']:.1f} ms")
     print(format_report(logprob, "log-prob forward"), flush=True)
     return {"train": train, "logprob": logprob}

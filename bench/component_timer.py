@@ -311,6 +311,19 @@ def summarize_spans(spans: list[_Span], marks: dict, layers: int, ms) -> dict:
     }
 
 
+def median_report(reports: list[dict]) -> dict:
+    """Several passes' reports as one: every number is the median over the passes that have it."""
+    first = reports[0]
+    if isinstance(first, dict):
+        keys = {k for r in reports for k in r}
+        return {k: median_report([r[k] for r in reports if k in r]) for k in sorted(keys)}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        values = sorted(reports)
+        mid = len(values) // 2
+        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+    return first
+
+
 def format_report(report: dict, title: str) -> str:
     """A table of the report: one row per component, one column per phase."""
     lines = [f"{title} (ms per layer, mean over {report['layers']} layers; pass {report['pass_ms']:.1f} ms)"]

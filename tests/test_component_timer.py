@@ -143,3 +143,9 @@ def test_zero3_fetches_are_timed_in_each_phase_and_deepspeed_restored(model_and_
     assert set(train["zero3_ms_whole_model"]["zero3_release"]) >= {"forward", "backward"}
     assert set(logprob["zero3_ms_whole_model"]["zero3_fetch"]) == {"logprob"}
     assert set(train["per_layer_ms"]["attention"]) == {"forward", "recompute", "backward"}
+
+
+def test_median_report_takes_each_number_over_passes():
+    reports = [{"a": {"x": 1.0, "y": 5.0}, "n": 3, "label": "t"}, {"a": {"x": 3.0}, "n": 3, "label": "t"},
+               {"a": {"x": 2.0, "y": 7.0}, "n": 3, "label": "t"}]
+    assert ct.median_report(reports) == {"a": {"x": 2.0, "y": 6.0}, "n": 3, "label": "t"}
