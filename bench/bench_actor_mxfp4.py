@@ -118,7 +118,7 @@ def import_patched_openrlhf(root: Path | None):
         sys.path.insert(0, str(root))
     import openrlhf.models.actor as actor_mod
 
-    if not hasattr(actor_mod, "load_mxfp4_dequantized"):
+    if not hasattr(actor_mod, "CheckpointLoader"):  # what actor.patch imports and builds
         raise SystemExit(f"bench_actor_mxfp4.py: {actor_mod.__file__} is not patched; run apply_patches.sh "
                          f"or pass --openrlhf-root to a patched tree")
     import openrlhf.models.loss as loss_mod

@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Benchmark the LoRA-delta weight sync to vLLM at gpt-oss-20b and -120b attention shapes.
 
-Runs the shipped worker code itself: ``vllm_worker_wrap.py`` is rebuilt from
-``patches/vllm_worker.patch`` (the patch carries the whole file as context), so no
-OpenRLHF install is needed. The served model is the tensor-parallel emulation of
-vLLM 0.15.1's gpt-oss attention loading (``tests/tp_emulation.py``) at full
-attention shapes: 24 (20b) or 36 (120b) layers, hidden 2880, 64 query and 8 KV
-heads of 64. Every LoRA target q/k/v/o of every layer is adapted, as with
+Runs the shipped worker code itself: ``openrlhf/trainer/ray/vllm_worker_wrap.py`` of a
+patched tree, loaded by its file path (the openrlhf package is not imported). The tree is
+``--openrlhf-root DIR`` (one made by ``apply_patches.sh --export DIR``), else the installed
+openrlhf, which must then be patched (``apply_patches.sh``); a worker file without the
+patch is refused. The payload is packed by ``rft.openrlhf.vllm_lora_delta``, as the
+trainer packs it. The served model is the tensor-parallel emulation of vLLM 0.15.1's
+gpt-oss attention loading (``tests/tp_emulation.py``) at full attention shapes: 24 (20b)
+or 36 (120b) layers, hidden 2880, 64 query and 8 KV heads of 64. Every LoRA target
+q/k/v/o of every layer is adapted, as with
 ``--target_modules q_proj k_proj v_proj o_proj``.
 
 Stages, per sync (median over repeats; the first sync, which also takes the
@@ -27,7 +30,8 @@ The ZeRO-3 gather needs real trainer ranks and is not measured here: training
 logs it every step as ``sync_gather_s``. Total = pack + transfer + unpack + apply.
 
     python bench/bench_lora_sync.py --device cuda --json-out lora_sync.json
-    python bench/bench_lora_sync.py --device cpu --models gpt-oss-20b --ranks 32 --repeats 2
+    bash apply_patches.sh --export /tmp/tree
+    python bench/bench_lora_sync.py --device cpu --models gpt-oss-20b --ranks 32 --repeats 2 --openrlhf-root /tmp/tree
 
 Reference: the notes this project started from report about 18 s per sync for a
 ~96 MB adapter; the target is under 1 s for gpt-oss-20b at rank 32.
@@ -42,7 +46,6 @@ import os
 import pickle
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,24 +55,38 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 import tp_emulation as emu  # noqa: E402  (tests/ holds the shared vLLM emulation)
+from rft.openrlhf import vllm_lora_delta  # noqa: E402  (the payload codec, the trainer's)
 
 REFERENCE_SECONDS = 18.0
 TARGET_SECONDS = 1.0
-WORKER_PATCH = REPO / "patches" / "vllm_worker.patch"
+WORKER_FILE = Path("openrlhf") / "trainer" / "ray" / "vllm_worker_wrap.py"
+FIX = "run apply_patches.sh, or pass --openrlhf-root to a tree made with apply_patches.sh --export DIR"
 
 
-def load_worker_module(patch: Path = WORKER_PATCH):
-    """Import the patched ``vllm_worker_wrap.py`` rebuilt from its full-context patch."""
-    lines = patch.read_text().splitlines()
-    hunks = [i for i, line in enumerate(lines) if line.startswith("@@ ")]
-    if len(hunks) != 1 or not lines[hunks[0]].startswith("@@ -1,"):
-        raise SystemExit(f"{patch}: expected one hunk covering the whole file; regenerate it with full context")
-    body = [line[1:] for line in lines[hunks[0] + 1 :] if line[:1] in (" ", "+")]
-    path = Path(tempfile.mkdtemp(prefix="rft-bench-")) / "vllm_worker_wrap.py"
-    path.write_text("\n".join(body) + "\n")
+def installed_openrlhf_root() -> Path | None:
+    """The directory holding the openrlhf package this Python would import, found without importing it."""
+    spec = importlib.util.find_spec("openrlhf")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))).parent
+
+
+def load_worker_module(root: Path | None = None):
+    """Import ``openrlhf/trainer/ray/vllm_worker_wrap.py`` of ``root`` (default: the installed openrlhf) by its path.
+
+    Refuses, in one line, a tree that has no such file or whose ``WorkerWrap`` lacks ``apply_lora_delta``
+    (vllm_worker.patch not applied)."""
+    root = root if root is not None else installed_openrlhf_root()
+    if root is None:
+        raise SystemExit(f"bench_lora_sync.py: openrlhf is not installed; {FIX}")
+    path = Path(root) / WORKER_FILE
+    if not path.is_file():
+        raise SystemExit(f"bench_lora_sync.py: {path} does not exist; {FIX}")
     spec = importlib.util.spec_from_file_location("rft_bench_vllm_worker_wrap", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if not hasattr(getattr(module, "WorkerWrap", None), "apply_lora_delta"):
+        raise SystemExit(f"bench_lora_sync.py: {path} is not patched (WorkerWrap lacks apply_lora_delta); {FIX}")
     return module
 
 
@@ -183,11 +200,11 @@ def bench_config(wrap, geo: dict, rank: int, tp: int, device: torch.device, repe
         named = [(f"{n}:A", a) for n, a, _, _ in adapter] + [(f"{n}:B", b) for n, _, b, _ in adapter]
         sync(device)
         t0 = time.perf_counter()
-        buffer, entries = wrap.pack_tensors(named)
+        buffer, entries = vllm_lora_delta.pack_tensors(named)
         if host is None or host.numel() != buffer.numel():  # reused across syncs, as the trainer does
             host = torch.empty(buffer.shape, dtype=torch.uint8, pin_memory=device.type == "cuda")
         host.copy_(buffer)
-        spec = {"format": wrap.LORA_PAYLOAD_FORMAT, "nbytes": buffer.numel(), "entries": entries,
+        spec = {"format": vllm_lora_delta.LORA_PAYLOAD_FORMAT, "nbytes": buffer.numel(), "entries": entries,
                 "targets": [[n, s] for n, _, _, s in adapter]}
         sync(device)
         t1 = time.perf_counter()
@@ -268,6 +285,9 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, default=None, help="override the layer count (quick runs)")
     parser.add_argument("--json-out", type=Path, default=None, help="write all figures here as JSON")
     parser.add_argument("--png", type=Path, default=None, help="stacked-bar plot of the stages (default: beside --json-out)")
+    parser.add_argument("--openrlhf-root", type=Path, default=None,
+                        help="directory holding a patched openrlhf package, e.g. made by apply_patches.sh --export DIR "
+                             "(default: the installed openrlhf, which must be patched)")
     return parser.parse_args(argv)
 
 
@@ -278,7 +298,7 @@ def main(argv=None) -> int:
         raise SystemExit("--device cuda: no CUDA device is visible")
     repeats = args.repeats if args.repeats is not None else (5 if device.type == "cuda" else 2)
     pristine_modes = args.pristine or (["cpu", "gpu"] if device.type == "cuda" else ["cpu"])
-    wrap = load_worker_module()
+    wrap = load_worker_module(args.openrlhf_root)
     transport = make_transport(args.transport)
     configs = [(m, r, p) for m in args.models for r in args.ranks for p in pristine_modes]
     try:

@@ -31,6 +31,7 @@ import math
 import sys
 import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,7 +261,7 @@ def test_patched_engine_and_worker_reach_the_hooks(wrap, engine_mod):
     llm = emu.EmulatedAsyncLLM(workers)
     adapter = random_adapter(TINY, [(0, "q_proj"), (1, "o_proj")], seed=11)
     for _ in range(2):
-        evidence = engine_call(engine_mod, "apply_lora_update", llm, *adapter_payload(wrap, adapter))
+        evidence = engine_call(engine_mod, "apply_lora_update", llm, *adapter_payload(vllm_lora_delta, adapter))
     check_ranks(models, TINY, 2, checkpoint, adapter, initial)
     assert llm.calls == ["apply_lora_delta"] * 2 and llm.prefix_cache_resets == 2
     assert evidence["workers"] == 2 and 0 < evidence["changed_frac"] < 1
@@ -268,11 +269,11 @@ def test_patched_engine_and_worker_reach_the_hooks(wrap, engine_mod):
     name = "model.layers.1.self_attn.o_proj.weight"
     new_base = (torch.randn(emu.hf_attention_shape(name, TINY)) * 0.02).bfloat16()
     engine_call(engine_mod, "update_weight_from_ref", llm, name, torch.bfloat16, list(new_base.shape), new_base)
-    engine_call(engine_mod, "apply_lora_update", llm, *adapter_payload(wrap, adapter))
+    engine_call(engine_mod, "apply_lora_update", llm, *adapter_payload(vllm_lora_delta, adapter))
     rebased = dict(checkpoint, **{name: new_base})
     check_ranks(models, TINY, 2, rebased, adapter, [emu.state_copy(emu.build_rank(TINY, r, 2, rebased)) for r in range(2)])
 
-    spec, blob = adapter_payload(wrap, adapter)
+    spec, blob = adapter_payload(vllm_lora_delta, adapter)
     with pytest.raises(ValueError, match="payload format"):
         engine_call(engine_mod, "apply_lora_update", llm, {**spec, "format": "other/9"}, blob)
 
@@ -499,12 +500,12 @@ def test_gpu_merge_at_gpt_oss_20b_shapes(wrap, engine_mod, tp):
     llm = emu.EmulatedAsyncLLM(workers)
     targets = [(i, p) for i in range(geo["layers"]) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
     zero = {n: (a, torch.zeros_like(b), s) for n, (a, b, s) in random_adapter(geo, targets, rank=32, device="cuda").items()}
-    engine_call(engine_mod, "apply_lora_update", llm, *adapter_payload(wrap, zero))
+    engine_call(engine_mod, "apply_lora_update", llm, *adapter_payload(vllm_lora_delta, zero))
     for model, before in zip(models, initial):
         assert_bitwise(emu.state_copy(model), before)
     for step in (1, 2, 3):
         adapter = random_adapter(geo, targets, rank=32, seed=step, magnitude=0.1, device="cuda")
-        evidence = engine_call(engine_mod, "apply_lora_update", llm, *adapter_payload(wrap, adapter))
+        evidence = engine_call(engine_mod, "apply_lora_update", llm, *adapter_payload(vllm_lora_delta, adapter))
     check_ranks(models, geo, tp, checkpoint, adapter, initial, device="cuda")
     assert 0 < evidence["changed_frac"] <= 1
 
@@ -539,19 +540,25 @@ def load_bench():
     return module
 
 
-def test_bench_runs_the_shipped_worker_code(patched_root):
-    """The benchmark rebuilds vllm_worker_wrap.py from its patch: it must be the patched file."""
+def test_bench_runs_the_shipped_worker_code(patched_root, pristine_root):
+    """The benchmark loads vllm_worker_wrap.py of the tree it is given, and refuses it unpatched in one line."""
     bench = load_bench()
-    rebuilt = bench.load_worker_module()
-    shipped = patched_root / "openrlhf" / "trainer" / "ray" / "vllm_worker_wrap.py"
-    assert open(rebuilt.__file__).read() == shipped.read_text()
+    worker_file = Path("openrlhf") / "trainer" / "ray" / "vllm_worker_wrap.py"
+    loaded = bench.load_worker_module(patched_root)
+    assert Path(loaded.__file__) == patched_root / worker_file and hasattr(loaded.WorkerWrap, "apply_lora_delta")
+    with pytest.raises(SystemExit) as refused:
+        bench.load_worker_module(pristine_root)
+    message = str(refused.value)
+    assert "\n" not in message and str(pristine_root / worker_file) in message
+    assert "apply_patches.sh" in message and "--openrlhf-root" in message and "--export" in message
 
 
 @pytest.mark.slow
-def test_bench_smoke_reports_exact_merges(tmp_path, monkeypatch):
+def test_bench_smoke_reports_exact_merges(tmp_path, monkeypatch, patched_root):
     bench = load_bench()
     out = tmp_path / "sync.json"
-    argv = ["--models", "gpt-oss-20b", "--ranks", "4", "--layers", "1", "--repeats", "1", "--transport", "inproc", "--json-out", str(out)]
+    argv = ["--models", "gpt-oss-20b", "--ranks", "4", "--layers", "1", "--repeats", "1", "--transport", "inproc",
+            "--json-out", str(out), "--openrlhf-root", str(patched_root)]
     # the transport of every sync takes a known extra time, which the figures must show
     transfer_sleep = 0.3
     real_call = bench.InProcessTransport.__call__

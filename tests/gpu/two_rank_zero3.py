@@ -459,7 +459,9 @@ class Ctx:
 
 def lora_params(ctx: Ctx) -> list:
     """``[(name, param), ...]`` of every LoRA weight, as ``_broadcast_lora_to_vllm`` selects them."""
-    return [(n, p) for n, p in ctx.peft_model.named_parameters() if ctx.mods["ppo_actor"].is_lora_weight_name(n)]
+    from rft.openrlhf.lora_sync import is_lora_weight_name
+
+    return [(n, p) for n, p in ctx.peft_model.named_parameters() if is_lora_weight_name(n)]
 
 
 def load_and_prepare(ctx: Ctx, ckpt, figures: dict) -> object:
@@ -550,6 +552,9 @@ def gather_payload(ctx: Ctx) -> dict:
     import deepspeed
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
+    from rft.openrlhf.lora_sync import lora_sync_tensors
+    from rft.openrlhf.vllm_lora_delta import LORA_PAYLOAD_FORMAT, pack_tensors
+
     named_lora = lora_params(ctx)
     lora = [p for _, p in named_lora]
     # each LoRA tensor is a partition (nothing held whole) or, under the persistence threshold, whole everywhere
@@ -564,10 +569,10 @@ def gather_payload(ctx: Ctx) -> dict:
         # PEFT starts every lora_B at zero: a non-zero one was moved by training
         out["trained_b"] = sum(bool(p.detach().count_nonzero()) for n, p in named_lora if ".lora_B." in n)
         if ctx.rank == 0:
-            named, targets = ctx.mods["ppo_actor"].lora_sync_tensors(ctx.peft_model, named_lora)
-            buffer, entries = ctx.mods["worker_wrap"].pack_tensors(named)
+            named, targets = lora_sync_tensors(ctx.peft_model, named_lora)
+            buffer, entries = pack_tensors(named)
             out["buffer"] = buffer.cpu().numpy().tobytes()
-            out["index"] = {"format": ctx.mods["worker_wrap"].LORA_PAYLOAD_FORMAT, "entries": entries, "targets": targets}
+            out["index"] = {"format": LORA_PAYLOAD_FORMAT, "entries": entries, "targets": targets}
             ctx.sync()
     t2 = time.perf_counter()
     out["gather_s"], out["pack_s"] = t1 - t0, t2 - t1
@@ -598,7 +603,7 @@ def check_save_model(ctx: Ctx, tokenizer, save_dir: Path, payload: dict, figures
     report = adapter_only_report(save_dir)
     report["model_bytes"] = sum(int(p.ds_numel) * p.element_size() for p in ctx.peft_model.parameters())  # bf16
     result["save"] = report
-    same, detail = saved_adapter_matches(save_dir, report, payload["buffer"], payload["index"], ctx.mods["worker_wrap"])
+    same, detail = saved_adapter_matches(save_dir, report, payload["buffer"], payload["index"])
     ok = not report["full_model_files"] and report["has_adapter_config"] and len(report["adapter_weight_files"]) == 1
     ctx.log(f"save_model wrote {report['bytes_written']} bytes (the model: {report['model_bytes']} bytes in bf16)")
     return check_from(
@@ -681,10 +686,11 @@ def run(args: argparse.Namespace, rank: int, world_size: int, work: Path) -> int
     import deepspeed
     import torch.distributed as dist
 
+    # what each patch puts in its file and uses there (the helpers this script calls come from rft.openrlhf)
     missing = {
-        "actor": [n for n in ("partition_for_zero3", "load_mxfp4_dequantized") if not hasattr(mods["actor"], n)],
-        "lora_sync": [n for n in ("is_lora_weight_name", "lora_sync_tensors") if not hasattr(mods["ppo_actor"], n)]
-        + [n for n in ("pack_tensors", "unpack_tensors") if not hasattr(mods["worker_wrap"], n)],
+        "actor": [n for n in ("CheckpointLoader",) if not hasattr(mods["actor"], n)],
+        "lora_sync": [n for n in ("LoraSync",) if not hasattr(mods["ppo_actor"], n)]
+        + [f"WorkerWrap.{n}" for n in ("apply_lora_delta",) if not hasattr(mods["worker_wrap"].WorkerWrap, n)],
         "save_model": [n for n in ("_gather_trainable", "_adapter_only", "_load_without_frozen") if not hasattr(mods["ds"], n)],
     }
 
@@ -789,9 +795,11 @@ def run(args: argparse.Namespace, rank: int, world_size: int, work: Path) -> int
     return finish(args, rank, world_size, result, checks, figures, device)
 
 
-def saved_adapter_matches(save_dir: Path, report: dict, buffer_bytes, index, worker_wrap) -> tuple[bool, str]:
+def saved_adapter_matches(save_dir: Path, report: dict, buffer_bytes, index) -> tuple[bool, str]:
     """Whether the saved adapter weights equal the gathered LoRA payload bit for bit."""
     import torch
+
+    from rft.openrlhf.vllm_lora_delta import unpack_tensors
 
     if buffer_bytes is None:
         return True, "adapter not compared with the payload (no payload)"
@@ -804,7 +812,7 @@ def saved_adapter_matches(save_dir: Path, report: dict, buffer_bytes, index, wor
         from safetensors.torch import load_file
 
         saved = load_file(path)
-    payload = worker_wrap.unpack_tensors(torch.frombuffer(bytearray(buffer_bytes), dtype=torch.uint8), index["entries"])
+    payload = unpack_tensors(torch.frombuffer(bytearray(buffer_bytes), dtype=torch.uint8), index["entries"])
     # PEFT saves "<module>.lora_A.weight"; the payload names "<module without base_model.model.>.weight:A"
     by_name = {}
     for key, tensor in payload.items():
