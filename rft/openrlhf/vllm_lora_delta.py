@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-# The payload format is the trainer's, defined once in rft/openrlhf/lora_sync.py; PACK_ALIGN and
-# pack_tensors are re-exported for those who import the codec from vllm_worker_wrap.
+# The payload format is the trainer's, defined once in rft/openrlhf/lora_sync.py; the worker side
+# (this module, its tests and benches) takes the codec from here.
 from rft.openrlhf.lora_sync import (  # noqa: F401
     LORA_PAYLOAD_FORMAT,
     PACK_ALIGN,
