@@ -89,10 +89,12 @@ TEMPERATURE="${TEMPERATURE:-1.0}"
 # usually measured at; the date line is pinned so a run's prompts never change at midnight.
 REASONING_EFFORT="${REASONING_EFFORT:-medium}"
 PROMPT_DATE="${PROMPT_DATE:-2025-08-05}"
-# The actor's faster gpt-oss layers: flex attention with sinks and grouped-GEMM experts, parity
-# tested against eager (tests/test_fast_gptoss.py) and timed on an H100 (bench/RESULTS.md).
-# 0 is transformers' eager path; 1 adds the ZeRO-3 parts (layer leaves, resident frozen weights).
-RFT_FAST_GPTOSS="${RFT_FAST_GPTOSS:-attention,experts}"
+# The actor's faster gpt-oss layers (rft/fast_gptoss.py), parity tested against eager
+# (tests/test_fast_gptoss.py) and timed on an H100 (bench/RESULTS.md): 1 = flex attention with
+# sinks, grouped-GEMM experts, one-op RMS norms, one ZeRO-3 fetch per layer, and frozen weights
+# kept whole where they fit (never under --offload); 0 is transformers' eager path; a list
+# (attention,experts) picks parts.
+RFT_FAST_GPTOSS="${RFT_FAST_GPTOSS:-1}"
 # How the adapter reaches the engines: native serves it unmerged through vLLM's LoRA layers, the
 # function the trainer computes; merged writes bf16(W0 + delta) into the weights, where an update
 # under half a bf16 step of W0 is lost (most of a run at the 20b's LR; docs/weight_sync.md).

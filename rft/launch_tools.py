@@ -268,7 +268,7 @@ EXAMPLES = {
     "ACTOR_NUM_NODES": "1", "ACTOR_GPUS_PER_NODE": "4", "VLLM_NUM_ENGINES": "2", "VLLM_TP": "2",
     "VLLM_GPU_MEM_UTIL": "0.85", "MIN_FREE_GB_DATA": "50", "MIN_FREE_GB_SCRATCH": "20",
     "MAX_GPU_MEM_USED_MIB": "2048", "RAY_DASHBOARD_PORT": "8265", "RAY_STOP_ON_EXIT": "1",
-    "REASONING_EFFORT": "medium", ENV_FAST_GPTOSS: "attention,experts",
+    "REASONING_EFFORT": "medium", ENV_FAST_GPTOSS: "1",
 }
 """A valid value of each setting (the 20b launcher's default), shown in the fix of a refusal."""
 
