@@ -47,8 +47,12 @@ EPS_CLIP="${EPS_CLIP:-0.2}"
 # token, and the reward stalled near its start (0.66 -> 0.73 in 16 rollouts; 0.70 -> 0.87 at 0.7).
 TEMPERATURE="${TEMPERATURE:-0.7}"
 REASONING_EFFORT="${REASONING_EFFORT:-low}"  # the effort the tiny model's warm start saw (rft/tiny.py)
-# Eager layers: without TorchDynamo (off on CPU) flex attention would run its slow reference code.
-RFT_FAST_GPTOSS="${RFT_FAST_GPTOSS:-0}"
+# The 20b's fast parts but flex attention (without TorchDynamo, off on CPU, it runs its slow
+# reference code): routed experts, one-op norms, one ZeRO-3 fetch per layer, and the policy's
+# frozen layer weights kept whole within RFT_FAST_GPTOSS_RESIDENT_GIB (there is no GPU to take
+# half of). RFT_FAST_GPTOSS=0 runs transformers' own layers.
+RFT_FAST_GPTOSS="${RFT_FAST_GPTOSS:-experts,norms,leaves,resident}"
+export RFT_FAST_GPTOSS_RESIDENT_GIB="${RFT_FAST_GPTOSS_RESIDENT_GIB:-1}"
 PROMPT_DATA="${PROMPT_DATA:-$TINY_DIR/data/train.jsonl}"
 EVAL_DATASET="${EVAL_DATASET-$TINY_DIR/data/eval.jsonl}"
 EVAL_STEPS="${EVAL_STEPS:-1}"

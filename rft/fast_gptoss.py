@@ -459,7 +459,7 @@ def parse_setting(value: str | None) -> frozenset[str]:
     else a comma-separated subset of :data:`PARTS`.
 
     >>> sorted(parse_setting("1"))
-    ['attention', 'experts', 'leaves', 'resident']
+    ['attention', 'experts', 'leaves', 'norms', 'resident']
     >>> sorted(parse_setting("experts"))
     ['experts']
     >>> parse_setting(None)
@@ -549,6 +549,16 @@ def uninstall(model: nn.Module) -> None:
         previous = pretrained.__dict__.pop("_rft_previous_attn_implementation", None)
         if previous is not None:
             pretrained.config._attn_implementation = previous
+
+
+def describe_install(counts: Mapping[str, int], setting: str | None) -> str:
+    """One line for the actor's log: what :func:`install` changed, part by part.
+
+    >>> describe_install({"attention": 1, "experts": 24, "norms": 49, "leaves": 24, "resident": 0}, "1")
+    'rft fast gpt-oss (RFT_FAST_GPTOSS=1): attention 1, experts 24, norms 49, leaves 24, resident 0'
+    """
+    parts = ", ".join(f"{part} {counts.get(part, 0)}" for part in PARTS)
+    return f"rft fast gpt-oss ({SETTING}={setting}): {parts}"
 
 
 def install_from_env(model: nn.Module, environ: Mapping[str, str] = os.environ) -> dict[str, int]:

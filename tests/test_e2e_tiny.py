@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -39,7 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rft import metrics_schema  # noqa: E402
+from rft import fast_gptoss, metrics_schema  # noqa: E402
 from rft.contract import ENV_LORA_SYNC  # noqa: E402
 from rft.openrlhf import native_lora  # noqa: E402
 from rft import tiny  # noqa: E402
@@ -163,6 +164,28 @@ def test_one_valid_record_per_step(run):
     # changes the policy, and not once it has (OpenRLHF's k1 estimate can dip below 0 on a step).
     assert records[0]["kl"] == 0.0
     assert max(r["kl"] for r in records[1:]) > 1e-3
+
+
+def test_the_actor_ran_the_fast_parts_it_was_given(run):
+    """The actor's hook logs what it installed; under ZeRO-3 with the quick start's default every
+    part but flex attention takes: the policy keeps its frozen layer weights whole, the reference
+    model (DeepSpeed's eval config) keeps ZeRO-3's partitions."""
+    layers = json.loads((run.model_dir / "config.json").read_text())["num_hidden_layers"]
+    logged = [line for line in run.output.splitlines() if "rft fast gpt-oss (" in line]
+    policy = [line for line in logged if "PolicyModelActor" in line]
+    reference = [line for line in logged if "ReferenceModelActor" in line]
+    assert policy and reference, logged
+    for line in policy + reference:
+        parts = fast_gptoss.parse_setting(re.search(r"RFT_FAST_GPTOSS=([^)]*)\)", line).group(1))
+        counts = {part: int(n) for part, n in re.findall(r"\b([a-z]+) (\d+)\b", line.split("): ", 1)[1])}
+        assert set(counts) == set(fast_gptoss.PARTS), line
+        expected = {"attention": 1, "experts": layers, "norms": 2 * layers + 1, "leaves": layers}
+        for part, n in expected.items():
+            assert counts[part] == (n if part in parts else 0), (part, line)
+        if line in reference or "resident" not in parts:
+            assert counts["resident"] == 0, line
+        else:
+            assert counts["resident"] > 0, line
 
 
 def test_the_run_used_the_sync_mode_it_was_given(run):

@@ -376,7 +376,7 @@ def tiny_bf16_ckpt(tmp_path_factory):
     (None, False, False), ("0", False, False), ("1", True, True), ("experts", True, False),
 ])
 def test_patched_actor_installs_the_fast_paths_only_when_asked(
-    patched_root, tiny_bf16_ckpt, monkeypatch, value, experts, attention
+    patched_root, tiny_bf16_ckpt, monkeypatch, capsys, value, experts, attention
 ):
     """The real patched ``Actor`` (LoRA on q/k/v/o) with ``RFT_FAST_GPTOSS`` unset, 0, 1 and ``experts``;
     the hook runs before LoRA wraps the model, and nothing else of the load changes."""
@@ -395,6 +395,14 @@ def test_patched_actor_installs_the_fast_paths_only_when_asked(
     assert all(("forward" in m.__dict__) == experts for m in experts_modules)
     expected = fast_gptoss.FAST_ATTN_IMPLEMENTATION if attention else "eager"
     assert actor.model.config._attn_implementation == expected
+    logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("rft fast gpt-oss")]
+    layers = TINY_CONFIG["num_hidden_layers"]
+    assert logged == {  # no ZeRO-3 here: leaves and resident take nowhere
+        "1": [f"rft fast gpt-oss (RFT_FAST_GPTOSS=1): attention 1, experts {layers}, norms {2 * layers + 1}, "
+              "leaves 0, resident 0"],
+        "experts": [f"rft fast gpt-oss (RFT_FAST_GPTOSS=experts): attention 0, experts {layers}, norms 0, "
+                    "leaves 0, resident 0"],
+    }.get(value, [])
     # the model, not Actor.forward: its log-probs go through flash-attn's Triton cross entropy, GPU only
     ids = torch.randint(2, TINY_CONFIG["vocab_size"], (1, 24))
     assert actor.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.isfinite().all()

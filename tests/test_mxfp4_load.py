@@ -277,9 +277,9 @@ def test_the_setting_name_is_the_contracts_and_fast_gptoss_reads_it():
     (GPT_OSS_BF16, "1", True), (GPT_OSS_MXFP4, "experts", True), (GPT_OSS_BF16, "0", False),
     (GPT_OSS_BF16, None, False), (LLAMA, "1", False),
 ])
-def test_fast_paths_installed_on_gpt_oss_when_asked(tmp_path, monkeypatch, config, value, installed):
+def test_fast_paths_installed_on_gpt_oss_when_asked(tmp_path, monkeypatch, capsys, config, value, installed):
     seen = []
-    monkeypatch.setattr(fast_gptoss, "install_from_env", lambda model: seen.append(model))
+    monkeypatch.setattr(fast_gptoss, "install_from_env", lambda model: seen.append(model) or {"experts": 7})
     if value is None:
         monkeypatch.delenv(contract.ENV_FAST_GPTOSS, raising=False)
     else:
@@ -289,3 +289,6 @@ def test_fast_paths_installed_on_gpt_oss_when_asked(tmp_path, monkeypatch, confi
         RecordingModelClass(), path, **PRISTINE_KWARGS
     )
     assert seen == ([model] if installed else [])
+    logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("rft fast gpt-oss")]
+    assert logged == ([f"rft fast gpt-oss (RFT_FAST_GPTOSS={value}): attention 0, experts 7, norms 0, leaves 0, "
+                       "resident 0"] if installed else [])

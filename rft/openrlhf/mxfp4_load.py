@@ -199,7 +199,9 @@ class CheckpointLoader:
                     self.hf_ds_config = HfDeepSpeedConfig(self.ds_config)
                 partition_for_zero3(model, self.ds_config)
         if self.gpt_oss and fast_gptoss_requested():
-            from rft.fast_gptoss import install_from_env
+            from rft.fast_gptoss import SETTING, describe_install, install_from_env
 
-            install_from_env(model)
+            counts = install_from_env(model)
+            # which parts took: resident, say, is off under offload or when the weights do not fit
+            print(describe_install(counts, os.environ.get(SETTING)), flush=True)
         return model
