@@ -203,8 +203,8 @@ rft_build_command() {
     model+=(--offload --adam_offload)
   fi
   lora=(
-    --lora_rank "$LORA_RANK" --lora_alpha "$LORA_ALPHA"
     --target_modules q_proj k_proj v_proj o_proj
+    --lora_rank "$LORA_RANK" --lora_alpha "$LORA_ALPHA"
   )
   optim=(
     --advantage_estimator dr_grpo

@@ -389,7 +389,7 @@ def test_patched_actor_installs_the_fast_paths_only_when_asked(
         monkeypatch.setenv(fast_gptoss.SETTING, value)
     actor_mod = oprl.load(patched_root, "openrlhf.models.actor")
     actor = actor_mod.Actor(str(tiny_bf16_ckpt.path), attn_implementation="eager", param_dtype="bf16",
-                            lora_rank=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_rank=4, lora_alpha=8)
     experts_modules = [m for m in actor.model.modules() if isinstance(m, GptOssExperts)]
     assert len(experts_modules) == TINY_CONFIG["num_hidden_layers"]
     assert all(("forward" in m.__dict__) == experts for m in experts_modules)

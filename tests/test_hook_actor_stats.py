@@ -99,8 +99,8 @@ def test_step_statistics_over_micro_batches_are_exact():
 
 
 def test_cross_rank_maxima_are_maxima_not_means_of_maxima():
-    tails0 = dict(log_ratio_raw_max=1.0, log_ratio_max=1.0, log_ratio_min=-0.5, ratio_max=2.7, log_ratio_abs_p99=0.9)
-    tails1 = dict(log_ratio_raw_max=5.0, log_ratio_max=5.0, log_ratio_min=-2.0, ratio_max=148.0, log_ratio_abs_p99=4.0)
+    tails0 = dict(log_ratio_raw_max=1.0, log_ratio_min=-0.5, log_ratio_max=1.0, log_ratio_abs_p99=0.9, ratio_max=2.7)
+    tails1 = dict(log_ratio_raw_max=5.0, log_ratio_min=-2.0, log_ratio_max=5.0, log_ratio_abs_p99=4.0, ratio_max=148.0)
     records = []
     for adv, ent, tails in (([1.0, -1.0], [0.1, 0.2], tails0), ([2.0, 0.0, 0.5], [3.0, 0.4, 0.5], tails1)):
         metrics = ActorStepMetrics()
@@ -180,8 +180,8 @@ def test_two_ranks_over_torch_distributed_end_with_the_same_exact_values(tmp_pat
     import torch.multiprocessing as mp
 
     tails = [
-        dict(log_ratio_raw_max=0.7, log_ratio_max=0.7, log_ratio_min=-0.2, ratio_max=2.0, log_ratio_abs_p99=0.6),
-        dict(log_ratio_raw_max=6.0, log_ratio_max=6.0, log_ratio_min=-3.0, ratio_max=403.0, log_ratio_abs_p99=5.5),
+        dict(log_ratio_raw_max=0.7, log_ratio_min=-0.2, log_ratio_max=0.7, log_ratio_abs_p99=0.6, ratio_max=2.0),
+        dict(log_ratio_raw_max=6.0, log_ratio_min=-3.0, log_ratio_max=6.0, log_ratio_abs_p99=5.5, ratio_max=403.0),
     ]
     planted = [
         [([1.0, -1.0, 0.5], [0.1, 0.9, 0.3], tails[0], 60.0), ([0.2, 0.2], [1.5, 0.2], tails[0], 2.0)],

@@ -48,13 +48,13 @@ SHARED = dict(
     gradient_checkpointing=True, gradient_checkpointing_use_reentrant=True,
     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
     actor_num_nodes=1, actor_num_gpus_per_node=4, ref_num_nodes=1, ref_num_gpus_per_node=4,
-    colocate_actor_ref=True, vllm_num_engines=2, vllm_tensor_parallel_size=2,
-    vllm_gpu_memory_utilization=0.85, vllm_sync_with_ray=True, remote_rm_url=[REWARD],
+    colocate_actor_ref=True, vllm_gpu_memory_utilization=0.85, vllm_num_engines=2,
+    vllm_tensor_parallel_size=2, vllm_sync_with_ray=True, remote_rm_url=[REWARD],
     input_key="input", label_key="label", apply_chat_template=True, n_samples_per_prompt=8,
     micro_train_batch_size=1, micro_rollout_batch_size=8, prompt_max_len=1024, max_epochs=1,
     eps_clip=0.1, eps_clip_low_high=(0.1, 0.1), entropy_loss_coef=0.0,
-    lr_scheduler="cosine_with_min_lr", eval_steps=5, eval_temperature=0.0,
-    eval_n_samples_per_prompt=1, save_hf_ckpt=True, disable_ds_ckpt=True, max_ckpt_num=3,
+    lr_scheduler="cosine_with_min_lr", eval_temperature=0.0, eval_n_samples_per_prompt=1,
+    eval_steps=5, save_hf_ckpt=True, disable_ds_ckpt=True, max_ckpt_num=3,
     packing_samples=False, critic_pretrain=None,
 )
 

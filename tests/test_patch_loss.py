@@ -173,7 +173,7 @@ def test_diagnostics_over_masked_tokens(request, root_name, variant):
     assert loss_fn.log_ratio_min == -20.0
     assert loss_fn.ratio_max == pytest.approx(math.exp(20.0), rel=1e-6)
     assert loss_fn.log_ratio_abs_p99 == pytest.approx(np.percentile(np.abs(clamped), 99), rel=1e-6)
-    for name in ("log_ratio_raw_max", "log_ratio_max", "log_ratio_min", "ratio_max", "log_ratio_abs_p99"):
+    for name in ("log_ratio_raw_max", "log_ratio_min", "log_ratio_max", "log_ratio_abs_p99", "ratio_max"):
         assert type(getattr(loss_fn, name)) is float, name  # plain floats: no graph, no device
     assert type(loss_fn.tokens_in_batch) is int
 

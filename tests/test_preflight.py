@@ -289,7 +289,7 @@ def test_cli_warmup_threshold_end_to_end(tmp_path):
 
 
 def test_cli_table_and_json_agree(tmp_path):
-    env = {"POOL": "400", "NS": "8", "TBS": "16", "EP": "1", "WARMUP": "0.05", "LR": "5e-7"}
+    env = {"LR": "5e-7", "WARMUP": "0.05", "POOL": "400", "EP": "1", "NS": "8", "TBS": "16"}
     table = _run(env, cwd=tmp_path)
     data = json.loads(_run(env, "--json", cwd=tmp_path).stdout)
     assert table.returncode == 0, table.stderr

@@ -31,11 +31,11 @@ LOG_RATIO_CLAMP = 20.0
 from float32's overflow at about 88.7."""
 
 DIAGNOSTICS = (
-    "log_ratio_raw_max", "log_ratio_max", "log_ratio_min", "ratio_max", "log_ratio_abs_p99", "tokens_in_batch",
+    "log_ratio_raw_max", "log_ratio_min", "log_ratio_max", "log_ratio_abs_p99", "ratio_max", "tokens_in_batch",
 )
-"""Attributes set on the loss: the largest raw log-ratio, the clamped max and min, exp of the clamped
-max, the 99th percentile of the clamped |log-ratio| (linear interpolation, as numpy.percentile), and
-the number of action tokens (an int)."""
+"""Attributes set on the loss: the largest raw log-ratio, the clamped min and max, the 99th
+percentile of the clamped |log-ratio| (linear interpolation, as numpy.percentile), exp of the
+clamped max, and the number of action tokens (an int, always last)."""
 
 
 def tail_diagnostics(
