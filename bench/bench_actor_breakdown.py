@@ -179,31 +179,25 @@ def train_step(model, batch: dict, timer=None):
     log_probs = actor_log_probs(model, batch)
     loss = ppo_loss(log_probs, batch)
     if timer is not None:
-        timer.forward_done()
-        timer.backward_starts()
+        timer.loss_ready()
     loss.backward()
     return log_probs.detach()
 
 
 def component_breakdown(model, batch: dict, device: str) -> dict:
-    """One training step and one log-prob forward under :class:`component_timer.ComponentTimer`:
-    per-layer milliseconds of attention, router, experts and norms in each phase, and the head's."""
-    from component_timer import ComponentTimer, format_report
+    """Training steps and log-prob forwards under :class:`component_timer.ComponentTimer`: per-layer
+    milliseconds of attention, router, experts and norms in each phase, and the head's (medians)."""
+    from component_timer import ComponentTimer, format_report, measure_passes
 
     timer = ComponentTimer(model, cuda=device.startswith("cuda"))
     try:
-        with timer.pass_("train"):
-            train_step(model, batch, timer)
-        train = timer.report()
-        zero_grads(model)
-        with timer.pass_("logprob"):
-            logprob_forward(model, batch)
-        logprob = timer.report()
+        figures = measure_passes(timer, lambda: train_step(model, batch, timer), lambda: logprob_forward(model, batch),
+                                 after_train=lambda: zero_grads(model))
     finally:
         timer.remove()
-    print(format_report(train, "    training step"))
-    print(format_report(logprob, "    log-prob forward"), flush=True)
-    return {"train": train, "logprob": logprob}
+    print(format_report(figures["train"], "    training step"))
+    print(format_report(figures["logprob"], "    log-prob forward"), flush=True)
+    return figures
 
 
 def logprob_forward(model, batch: dict):

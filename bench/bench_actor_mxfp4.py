@@ -151,36 +151,38 @@ def zero3_breakdown(actor, policy_loss, strategy, optim, scheduler, inputs: tupl
     DeepSpeed's ZeRO-3 fetches and releases timed too, the optimizer step on its own; every figure
     is the median over the passes."""
     import torch
-    from component_timer import ComponentTimer, format_report, median_report
+    from component_timer import ComponentTimer, format_report, measure_passes
 
     sequences, action_mask, attention_mask = inputs
     timer = ComponentTimer(actor.model, cuda=True, zero3=True)
-    trains, logprobs = [], []
+
+    def train_step() -> None:
+        actor.train()
+        log_probs = actor(sequences, action_mask, attention_mask)
+        loss, *_ = policy_loss(log_probs, old_log_probs, advantages, action_mask=action_mask)
+        timer.loss_ready()
+        strategy.backward(loss, actor, optim)
+
+    def optimizer_step() -> dict:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        strategy.optimizer_step(optim, actor, scheduler, name="actor")
+        torch.cuda.synchronize()
+        return {"optimizer_step_ms": (time.perf_counter() - t0) * 1e3}
+
+    def logprob_step() -> None:
+        actor.eval()
+        with torch.no_grad():
+            actor(sequences, action_mask, attention_mask)
+
     try:
-        for _ in range(passes):
-            actor.train()
-            with timer.pass_("train"):
-                log_probs = actor(sequences, action_mask, attention_mask)
-                loss, *_ = policy_loss(log_probs, old_log_probs, advantages, action_mask=action_mask)
-                timer.forward_done()
-                timer.backward_starts()
-                strategy.backward(loss, actor, optim)
-            trains.append(timer.report())
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            strategy.optimizer_step(optim, actor, scheduler, name="actor")
-            torch.cuda.synchronize()
-            trains[-1]["optimizer_step_ms"] = (time.perf_counter() - t0) * 1e3
-            actor.eval()
-            with torch.no_grad(), timer.pass_("logprob"):
-                actor(sequences, action_mask, attention_mask)
-            logprobs.append(timer.report())
+        figures = measure_passes(timer, train_step, logprob_step, passes, after_train=optimizer_step)
     finally:
         timer.remove()
-    train, logprob = median_report(trains), median_report(logprobs)
+    train = figures["train"]
     print(format_report(train, "training step") + f"\n  optimizer step {train['optimizer_step_ms']:.1f} ms")
-    print(format_report(logprob, "log-prob forward"), flush=True)
-    return {"train": train, "logprob": logprob}
+    print(format_report(figures["logprob"], "log-prob forward"), flush=True)
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:

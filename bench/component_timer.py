@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -240,8 +240,7 @@ class ComponentTimer:
     def pass_(self, mode: str) -> Iterator[None]:
         """Record one ``train`` step (forward, loss, backward) or one ``logprob`` forward.
 
-        In a training pass call :meth:`forward_done` once the log-probs exist, and
-        :meth:`backward_starts` right before the backward."""
+        In a training pass call :meth:`loss_ready` between the loss and its backward."""
         if mode not in ("train", "logprob"):
             raise ValueError(f"mode {mode!r}: use train or logprob")
         self.spans, self.marks, self._entry_mem, self.mode = [], {}, {}, mode
@@ -254,11 +253,9 @@ class ComponentTimer:
             if self.cuda:
                 torch.cuda.synchronize()
 
-    def forward_done(self) -> None:
-        self.marks["forward_done"] = self.clock.mark()
-
-    def backward_starts(self) -> None:
-        self.marks["backward_start"] = self.clock.mark()
+    def loss_ready(self) -> None:
+        """The forward (loss included) ends and the backward begins here."""
+        self.marks["loss"] = self.clock.mark()
 
     def report(self) -> dict:
         """The last pass's figures: ms per layer and peak GiB per component and phase, the head, ZeRO-3."""
@@ -293,12 +290,12 @@ def summarize_spans(spans: list[_Span], marks: dict, layers: int, ms) -> dict:
             for phase in per_layer["layer"]
         }
     head = {"lm_head": dict(totals.get("lm_head", {}))}
-    if "logits" in marks and "forward_done" in marks:
-        head["log_prob"] = {"forward": ms(marks["logits"], marks["forward_done"])}
+    if "logits" in marks and "loss" in marks:
+        head["log_prob"] = {"forward": ms(marks["logits"], marks["loss"])}
     elif "logits" in marks:
         head["log_prob"] = {"logprob": ms(marks["logits"], marks["end"])}
-    if "backward_start" in marks and "logits_grad" in marks:
-        head.setdefault("log_prob", {})["backward"] = ms(marks["backward_start"], marks["logits_grad"])
+    if "loss" in marks and "logits_grad" in marks:
+        head.setdefault("log_prob", {})["backward"] = ms(marks["loss"], marks["logits_grad"])
     zero3 = {c: dict(totals[c]) for c in ("zero3_fetch", "zero3_release") if c in totals}
     return {
         "layers": layers,
@@ -309,6 +306,28 @@ def summarize_spans(spans: list[_Span], marks: dict, layers: int, ms) -> dict:
         "calls": dict(calls),
         "pass_ms": ms(marks["start"], marks["end"]),
     }
+
+
+def measure_passes(timer: ComponentTimer, train_step: Callable[[], object], logprob_step: Callable[[], object],
+                   passes: int = 3, after_train: Callable[[], dict | None] | None = None) -> dict:
+    """``passes`` training steps and log-prob forwards under ``timer``; every figure the median
+    over the passes (:func:`median_report`).
+
+    ``train_step`` runs one step and calls ``timer.loss_ready()`` before its backward;
+    ``after_train`` runs outside the pass (an optimizer step, say) and may return figures to add
+    to that pass's report."""
+    trains, logprobs = [], []
+    for _ in range(passes):
+        with timer.pass_("train"):
+            train_step()
+        trains.append(timer.report())
+        extra = after_train() if after_train is not None else None
+        if extra:
+            trains[-1].update(extra)
+        with timer.pass_("logprob"):
+            logprob_step()
+        logprobs.append(timer.report())
+    return {"train": median_report(trains), "logprob": median_report(logprobs)}
 
 
 def median_report(reports: list[dict]) -> dict:

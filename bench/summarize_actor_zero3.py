@@ -116,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     for setting, f in figures.items():
         print(f"  {setting:<24} {f['train_ms_per_layer']:>9.1f} {f['logprob_ms_per_layer']:>12.1f} "
               f"{f['peak_gib']:>9.2f} {f['train_tokens_per_s_per_layer']:>9,} {f['train_fraction_of_bf16_peak']:>13.1%}")
+    sys.path.insert(0, str(REPO / "bench"))
+    from component_timer import format_report
+
     for setting, f in figures.items():
         if f["components"] and "train" in f["components"]:
-            sys.path.insert(0, str(REPO / "bench"))
-            from component_timer import format_report
-
             print(f"\nRFT_FAST_GPTOSS={setting}, {f['layers'][1]} layers:")
             print(format_report(f["components"]["train"], "  training step"))
             print(format_report(f["components"]["logprob"], "  log-prob forward"))

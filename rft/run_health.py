@@ -780,22 +780,14 @@ def check_served_share(run: Run, th: Thresholds) -> Verdict:
     last = _mean(_tail(s, th.window))
     high = 1.0 / SERVED_SHARE_WARN
     detail = f"engines serve {last:.0%} of the intended update (mean of the last {min(th.window, len(s))} syncs)"
+    fix = (f": serve the adapter natively ({ENV_LORA_SYNC}=native) and watch gen_kl; if it already is native, "
+           "the sync is broken: read the trainer log")
     if last < SERVED_SHARE_WARN:
-        return Verdict(
-            "served update",
-            WARN,
-            detail + f" (< {SERVED_SHARE_WARN:.0%})",
-            "bf16 rounding of the merged weights drops small updates: serve the adapter natively "
-            f"({ENV_LORA_SYNC}=native) and watch gen_kl; if it already is native, the sync is broken: read the trainer log",
-        )
+        return Verdict("served update", WARN, detail + f" (< {SERVED_SHARE_WARN:.0%})",
+                       "bf16 rounding of the merged weights drops small updates" + fix)
     if last > high:
-        return Verdict(
-            "served update",
-            WARN,
-            detail + f" (> {high:.0%}: rounding noise, not the update)",
-            "bf16 rounding of the merged weights moves entries the update did not: serve the adapter natively "
-            f"({ENV_LORA_SYNC}=native) and watch gen_kl; if it already is native, the sync is broken: read the trainer log",
-        )
+        return Verdict("served update", WARN, detail + f" (> {high:.0%}: rounding noise, not the update)",
+                       "bf16 rounding of the merged weights moves entries the update did not" + fix)
     return Verdict("served update", OK, detail)
 
 

@@ -128,8 +128,7 @@ def test_zero3_fetches_are_timed_in_each_phase_and_deepspeed_restored(model_and_
             with timer.pass_("train"):
                 log_probs = bab.actor_log_probs(engine, batch)
                 loss = bab.ppo_loss(log_probs, batch)
-                timer.forward_done()
-                timer.backward_starts()
+                timer.loss_ready()
                 engine.backward(loss)
             train = timer.report()
             with torch.no_grad(), timer.pass_("logprob"):
@@ -143,6 +142,20 @@ def test_zero3_fetches_are_timed_in_each_phase_and_deepspeed_restored(model_and_
     assert set(train["zero3_ms_whole_model"]["zero3_release"]) >= {"forward", "backward"}
     assert set(logprob["zero3_ms_whole_model"]["zero3_fetch"]) == {"logprob"}
     assert set(train["per_layer_ms"]["attention"]) == {"forward", "recompute", "backward"}
+
+
+def test_measure_passes_runs_each_pass_and_keeps_the_extra_figures(model_and_batch):
+    model, batch = model_and_batch
+    timer = ct.ComponentTimer(model, cuda=False)
+    after = []
+    figures = ct.measure_passes(timer, lambda: bab.train_step(model, batch, timer), lambda: bab.logprob_forward(model, batch),
+                                passes=3, after_train=lambda: after.append(bab.zero_grads(model)) or {"step_ms": 2.0 * len(after)})
+    timer.remove()
+    assert len(after) == 3
+    assert figures["train"]["step_ms"] == 4.0  # median of 2, 4, 6
+    assert figures["train"]["calls"]["attention"] == 3 * LAYERS  # each pass's count, not a sum
+    assert set(figures["train"]["per_layer_ms"]["experts"]) == {"forward", "recompute", "backward"}
+    assert {p for by in figures["logprob"]["per_layer_ms"].values() for p in by} == {"logprob"}
 
 
 def test_median_report_takes_each_number_over_passes():
