@@ -56,6 +56,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 import tp_emulation as emu  # noqa: E402  (tests/ holds the shared vLLM emulation)
 from rft.openrlhf import vllm_lora_delta  # noqa: E402  (the payload codec, the trainer's)
+from rft.patching import PatchError, find_site  # noqa: E402
 
 REFERENCE_SECONDS = 18.0
 TARGET_SECONDS = 1.0
@@ -63,22 +64,16 @@ WORKER_FILE = Path("openrlhf") / "trainer" / "ray" / "vllm_worker_wrap.py"
 FIX = "run apply_patches.sh, or pass --openrlhf-root to a tree made with apply_patches.sh --export DIR"
 
 
-def installed_openrlhf_root() -> Path | None:
-    """The directory holding the openrlhf package this Python would import, found without importing it."""
-    spec = importlib.util.find_spec("openrlhf")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations))).parent
-
-
 def load_worker_module(root: Path | None = None):
     """Import ``openrlhf/trainer/ray/vllm_worker_wrap.py`` of ``root`` (default: the installed openrlhf) by its path.
 
     Refuses, in one line, a tree that has no such file or whose ``WorkerWrap`` lacks ``apply_lora_delta``
     (vllm_worker.patch not applied)."""
-    root = root if root is not None else installed_openrlhf_root()
     if root is None:
-        raise SystemExit(f"bench_lora_sync.py: openrlhf is not installed; {FIX}")
+        try:  # the installed openrlhf, found as apply_patches.sh finds it (without importing it)
+            root = find_site(None)
+        except PatchError:
+            raise SystemExit(f"bench_lora_sync.py: openrlhf is not installed; {FIX}") from None
     path = Path(root) / WORKER_FILE
     if not path.is_file():
         raise SystemExit(f"bench_lora_sync.py: {path} does not exist; {FIX}")
